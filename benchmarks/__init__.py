@@ -1,0 +1,1 @@
+"""Benchmarks of jaxstab and its model ports against PyTorch versions."""

@@ -1,0 +1,1 @@
+"""Flax NNX ports of the seed models; one sub-package per model."""
