@@ -1,0 +1,87 @@
+"""``clip_by_global_norm``: optax's global-norm clipping, overflow-safe and recorded."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxstab.transforms import _groups
+
+
+class ClipByGlobalNormState(NamedTuple):
+    """State of :func:`clip_by_global_norm` (values of the latest step).
+
+    Attributes:
+      pre_norm: global norm before clipping (finite entries; float32).
+      scale: factor applied to the gradient (1 when not clipped).
+      clipped: whether the gradient was clipped.
+    """
+
+    pre_norm: jax.Array
+    scale: jax.Array
+    clipped: jax.Array
+
+    def _jaxstab_stats(self) -> dict[str, jax.Array]:
+        return {
+            "clip/pre_norm": self.pre_norm,
+            "clip/scale": self.scale,
+            "clip/clipped": self.clipped,
+        }
+
+
+def clip_leaf(x: jax.Array, norm: jax.Array, max_norm: float, clip: jax.Array) -> jax.Array:
+    """``x / norm * max_norm`` where ``clip``, else ``x``; computed in float32 or wider.
+
+    For float32 leaves this is exactly optax's formula; for float16/bfloat16 the division
+    happens in float32, so a norm beyond the float16 range does not zero the gradient.
+    """
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    safe = jnp.where(clip, norm, 1).astype(acc)
+    scaled = ((x.astype(acc) / safe) * jnp.asarray(max_norm, acc)).astype(x.dtype)
+    return jnp.where(clip, scaled, x)
+
+
+def clip_by_global_norm(
+    max_norm: float, *, axis_name: str | None = None
+) -> optax.GradientTransformation:
+    """Clips the gradient to global L2 norm ``max_norm`` and records what it did.
+
+    On finite gradients the updates equal ``optax.clip_by_global_norm(max_norm)``'s. The
+    norm is accumulated in float32 with rescaling, so float16 gradients of 300 are clipped
+    correctly where optax's float16 squared norm overflows to Inf and zeroes them.
+    Records ``clip/pre_norm``, ``clip/scale`` and ``clip/clipped``.
+
+    Args:
+      max_norm: the largest global norm allowed (> 0).
+      axis_name: under ``shard_map``/``pmap`` with a sharded gradient, squared norms are
+        summed across this axis so every replica applies the same scale.
+
+    >>> import jax.numpy as jnp, jaxstab
+    >>> tx = jaxstab.clip_by_global_norm(1.0)
+    >>> grads = {"w": jnp.array([3.0, 4.0])}
+    >>> out, state = tx.update(grads, tx.init(grads))
+    >>> out["w"].tolist(), float(jaxstab.read_stats(state)["clip/pre_norm"])
+    ([0.6000000238418579, 0.800000011920929], 5.0)
+    """
+    _groups.check_positive("max_norm", max_norm)
+
+    def init_fn(params: Any) -> ClipByGlobalNormState:
+        del params
+        return ClipByGlobalNormState(
+            jnp.zeros((), jnp.float32), jnp.ones((), jnp.float32), jnp.zeros((), jnp.bool_)
+        )
+
+    def update_fn(
+        updates: Any, state: ClipByGlobalNormState, params: Any = None
+    ) -> tuple[Any, ClipByGlobalNormState]:
+        del params, state
+        norm = _groups.global_norm(_groups.tree_stats(updates, axis_name))
+        clip = norm >= max_norm  # optax keeps the update when norm < max_norm
+        out = jax.tree.map(lambda x: clip_leaf(x, norm, max_norm, clip), updates)
+        scale = jnp.where(clip, max_norm / jnp.where(clip, norm, 1), 1.0)
+        return out, ClipByGlobalNormState(norm.astype(jnp.float32), scale.astype(jnp.float32), clip)
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,70 @@
+"""``stability_guard``: the preset chain log → zero/skip → clip → inner."""
+
+from __future__ import annotations
+
+import optax
+
+from jaxstab.transforms.autoclip import autoclip
+from jaxstab.transforms.clip_by_global_norm import clip_by_global_norm
+from jaxstab.transforms.log_norms import log_norms
+from jaxstab.transforms.skip_bad_steps import skip_bad_steps
+from jaxstab.transforms.zclip import zclip
+from jaxstab.transforms.zero_nonfinite import zero_nonfinite
+
+_ADAPTIVE = (None, "zclip", "autoclip")
+
+
+def stability_guard(
+    inner: optax.GradientTransformation,
+    *,
+    clip: float | None = 1.0,
+    adaptive: str | None = None,
+    skip: bool = True,
+    spike_z: float | None = None,
+    group_depth: int | None = 1,
+    history: int = 0,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Wraps an optimizer in the recommended stability chain.
+
+    The chain is :func:`jaxstab.log_norms` (statistics of the raw gradient), then either
+    :func:`jaxstab.skip_bad_steps` (``skip=True``: a bad step leaves ``inner`` untouched)
+    or :func:`jaxstab.zero_nonfinite` (``skip=False``), then the adaptive clipper
+    (``"zclip"`` or ``"autoclip"``, optional), then :func:`jaxstab.clip_by_global_norm`
+    (``clip=None`` disables it), then ``inner``. In the jitted step the shared gradient
+    reductions are computed once.
+
+    Args:
+      inner: the optimizer, e.g. ``optax.adam(1e-3)``.
+      clip: global-norm bound, or ``None``.
+      adaptive: ``None``, ``"zclip"`` or ``"autoclip"``.
+      skip: skip bad steps (True) or zero non-finite entries (False).
+      spike_z: with ``skip``, also skip steps whose norm z-score exceeds this.
+      group_depth: how groups are named in the statistics.
+      history: ring-buffer length of :func:`jaxstab.log_norms` (0: none).
+      axis_name: the mapped axis under ``shard_map``/``pmap``.
+
+    >>> import jax.numpy as jnp, optax, jaxstab
+    >>> tx = jaxstab.stability_guard(optax.adam(1e-3), clip=1.0, adaptive="zclip")
+    >>> params = {"w": jnp.ones(2)}
+    >>> updates, state = tx.update({"w": jnp.array([jnp.nan, 1.0])}, tx.init(params), params)
+    >>> updates["w"].tolist(), bool(jaxstab.read_stats(state)["skip/skipped"])
+    ([0.0, 0.0], True)
+    """
+    if adaptive not in _ADAPTIVE:
+        raise ValueError(f"adaptive must be one of {_ADAPTIVE}, got {adaptive!r}")
+    if spike_z is not None and not skip:
+        raise ValueError("spike_z needs skip=True")
+    parts: list[optax.GradientTransformation] = []
+    if adaptive == "zclip":
+        parts.append(zclip(axis_name=axis_name))
+    elif adaptive == "autoclip":
+        parts.append(autoclip(axis_name=axis_name))
+    if clip is not None:
+        parts.append(clip_by_global_norm(clip, axis_name=axis_name))
+    parts.append(inner)
+    body = parts[0] if len(parts) == 1 else optax.chain(*parts)
+    logger = log_norms(group_depth, history, axis_name=axis_name)
+    if skip:
+        return optax.chain(logger, skip_bad_steps(body, spike_z=spike_z, axis_name=axis_name))
+    return optax.chain(logger, zero_nonfinite(group_depth=group_depth, axis_name=axis_name), body)

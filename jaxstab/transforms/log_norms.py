@@ -1,0 +1,154 @@
+"""``log_norms``: gradient-norm logging per group, on the device."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxstab.transforms import _groups
+
+
+class LogNormsState(NamedTuple):
+    """State of :func:`log_norms`.
+
+    Attributes:
+      count: number of updates seen (int32).
+      stats: statistics of the latest step, keyed by their flat names.
+      history: for ``history=K > 0``, the same names mapped to ``[K]`` ring buffers; entry
+        ``count % K`` is written at each step (read them in order with
+        :func:`ordered_history`). Empty when ``history=0``.
+    """
+
+    count: jax.Array
+    stats: dict[str, jax.Array]
+    history: dict[str, jax.Array]
+
+    def _jaxstab_stats(self) -> dict[str, jax.Array]:
+        return dict(self.stats)
+
+
+def _stat_names(groups: list[str]) -> list[tuple[str, Any]]:
+    names: list[tuple[str, Any]] = [
+        ("grad/global_norm", jnp.float32),
+        ("grad/update_ratio", jnp.float32),
+    ]
+    for g in groups:
+        names += [
+            (f"grad/norm/{g}", jnp.float32),
+            (f"grad/max_abs/{g}", jnp.float32),
+            (f"grad/nan/{g}", jnp.int32),
+            (f"grad/inf/{g}", jnp.int32),
+            (f"grad/zero_frac/{g}", jnp.float32),
+        ]
+    return names
+
+
+def log_norms(
+    group_depth: int | None = 1, history: int = 0, *, axis_name: str | None = None
+) -> optax.GradientTransformation:
+    """Records gradient statistics in the optimizer state; updates pass through unchanged.
+
+    Recorded (read them with :func:`jaxstab.read_stats`): ``grad/global_norm``; per group
+    ``grad/norm/<g>``, ``grad/max_abs/<g>``, ``grad/nan/<g>``, ``grad/inf/<g>`` and
+    ``grad/zero_frac/<g>`` (fraction of exact zeros: 1.0 means a broken gradient path);
+    and ``grad/update_ratio``.
+
+    Norms and max-abs cover the finite entries (a NaN elsewhere does not hide the size of
+    the rest; the NaN/Inf counts report it). They are accumulated in float32 and rescaled
+    when needed, so float16/bfloat16 gradients never overflow the squared norm.
+
+    ``grad/update_ratio`` is ``‖g‖ / ‖params‖``: this transform sits first in the chain and
+    sees the raw gradient ``g``, not the final update, so it records the update/parameter
+    ratio of a unit-learning-rate SGD step (multiply by the learning rate for SGD). It
+    needs ``params`` in ``update``; without them it is 0.
+
+    Args:
+      group_depth: number of path keys that name a group; ``None``: one group per leaf.
+      history: ``K > 0`` keeps the last ``K`` steps of every statistic in on-device ring
+        buffers of fixed shape ``[K]``, so the host needs to read only every ``K`` steps.
+        Every step is logged, bad ones included (that is how they are found).
+      axis_name: under ``shard_map``/``pmap`` with a sharded gradient, the mapped axis;
+        statistics are reduced across it.
+
+    >>> import jax.numpy as jnp, optax, jaxstab
+    >>> params = {"w": jnp.ones(3), "b": jnp.zeros(1)}
+    >>> tx = optax.chain(jaxstab.log_norms(), optax.sgd(0.1))
+    >>> state = tx.init(params)
+    >>> grads = {"w": jnp.array([3.0, 4.0, 0.0]), "b": jnp.array([jnp.nan])}
+    >>> _, state = tx.update(grads, state, params)
+    >>> stats = jaxstab.read_stats(state)
+    >>> float(stats["grad/norm/w"]), int(stats["grad/nan/b"]), float(stats["grad/zero_frac/w"])
+    (5.0, 1, 0.3333333432674408)
+    """
+    _groups.check_group_depth(group_depth)
+    if isinstance(history, bool) or not isinstance(history, int) or history < 0:
+        raise ValueError(f"history must be a non-negative int, got {history!r}")
+
+    def init_fn(params: Any) -> LogNormsState:
+        groups, _ = _groups.group_layout(params, group_depth)
+        names = _stat_names(groups)
+        stats = {n: jnp.zeros((), dt) for n, dt in names}
+        hist = {n: jnp.zeros((history,), dt) for n, dt in names} if history else {}
+        return LogNormsState(jnp.zeros((), jnp.int32), stats, hist)
+
+    def update_fn(
+        updates: Any, state: LogNormsState, params: Any = None
+    ) -> tuple[Any, LogNormsState]:
+        groups, members = _groups.group_layout(updates, group_depth)
+        ts = _groups.tree_stats(updates, axis_name)
+        gnorm = _groups.global_norm(ts)
+        if params is None:
+            ratio = jnp.zeros((), jnp.float32)
+        else:
+            pnorm = _groups.global_norm(_groups.tree_stats(params, axis_name))
+            ratio = jnp.where(pnorm > 0, gnorm / jnp.where(pnorm > 0, pnorm, 1), 0)
+        stats: dict[str, jax.Array] = {
+            "grad/global_norm": gnorm.astype(jnp.float32),
+            "grad/update_ratio": ratio.astype(jnp.float32),
+        }
+        for g, idx in zip(groups, members, strict=True):
+            size = _groups.group_sum(ts.size, idx)
+            zeros = _groups.group_sum(ts.zeros, idx)
+            stats[f"grad/norm/{g}"] = _groups.combined_norm(ts, idx).astype(jnp.float32)
+            stats[f"grad/max_abs/{g}"] = _groups.group_max(ts.max_abs, idx).astype(jnp.float32)
+            stats[f"grad/nan/{g}"] = _groups.group_sum(ts.nan, idx)
+            stats[f"grad/inf/{g}"] = _groups.group_sum(ts.inf, idx)
+            stats[f"grad/zero_frac/{g}"] = jnp.where(
+                size > 0, zeros.astype(jnp.float32) / jnp.maximum(size, 1), 0.0
+            )
+        hist = state.history
+        if history:
+            pos = state.count % history
+            hist = {n: buf.at[pos].set(stats[n].astype(buf.dtype)) for n, buf in hist.items()}
+        return updates, LogNormsState(state.count + 1, stats, hist)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def ordered_history(state: LogNormsState) -> dict[str, jax.Array]:
+    """The ring buffers of a :func:`log_norms` state, oldest step first.
+
+    Entries not yet written (fewer than ``K`` steps seen) come first and are zero; the
+    ``"step"`` entry gives each row's step number (``-1`` for unwritten rows).
+
+    >>> import jax.numpy as jnp, optax, jaxstab
+    >>> tx = jaxstab.log_norms(history=4)
+    >>> state = tx.init({"w": jnp.ones(2)})
+    >>> for scale in (1.0, 2.0, 3.0):
+    ...     _, state = tx.update({"w": scale * jnp.ones(2)}, state)
+    >>> ordered_history(state)["step"].tolist()
+    [-1, 0, 1, 2]
+    """
+    out: dict[str, jax.Array] = {}
+    if not state.history:
+        return out
+    k = next(iter(state.history.values())).shape[0]
+    shift = -(state.count % k)
+    for name, buf in state.history.items():
+        out[name] = jnp.roll(buf, shift)
+    steps = state.count - k + jnp.arange(k, dtype=jnp.int32)
+    out["step"] = jnp.where(steps >= 0, steps, -1)
+    return out

@@ -1,0 +1,163 @@
+"""``skip_bad_steps``: drops non-finite or spiking steps by selection, with a halt flag."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxstab.transforms import _groups
+
+_EPS = 1e-12
+
+
+class SkipBadStepsState(NamedTuple):
+    """State of :func:`skip_bad_steps`.
+
+    Attributes:
+      inner_state: the wrapped transformation's state (unchanged by a skipped step).
+      norms: ring buffer ``[window]`` of the global norms of the last good steps.
+      good: number of good steps so far (int32); entry ``good % window`` is next.
+      skipped: whether the latest step was skipped.
+      total: number of skipped steps so far.
+      consecutive: number of skipped steps in a row, ending at the latest step.
+      halt: set once ``consecutive`` reached ``max_consecutive``; sticky.
+      z: z-score of the latest norm over the window (0 before enough good steps).
+    """
+
+    inner_state: Any
+    norms: jax.Array
+    good: jax.Array
+    skipped: jax.Array
+    total: jax.Array
+    consecutive: jax.Array
+    halt: jax.Array
+    z: jax.Array
+
+    def _jaxstab_stats(self) -> dict[str, jax.Array]:
+        return {
+            "skip/skipped": self.skipped,
+            "skip/total": self.total,
+            "skip/consecutive": self.consecutive,
+            "skip/halt": self.halt,
+            "skip/z": self.z,
+        }
+
+
+def skip_bad_steps(
+    inner: optax.GradientTransformation,
+    nonfinite: bool = True,
+    spike_z: float | None = None,
+    window: int = 128,
+    max_consecutive: int | None = None,
+    *,
+    min_window: int | None = None,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Skips the ``inner`` update on a bad step: zero update, ``inner`` state kept.
+
+    A step is bad when ``nonfinite`` and the gradient holds a NaN/Inf, or when
+    ``spike_z`` is set and the z-score of the global norm over the last ``window`` good
+    norms exceeds it (checked once ``min_window`` good norms are known). Skipping is a
+    selection (``jnp.where``) between the new and the old values, never a multiplication
+    by 0 (``0 * NaN`` is NaN), so no non-finite value reaches the parameters or the
+    ``inner`` state. Bad steps never enter the window.
+
+    After ``max_consecutive`` skipped steps in a row ``skip/halt`` becomes True and stays
+    True; every later step is skipped too, so the training loop can stop and report.
+    (``optax.apply_if_finite`` instead applies the poisoned update once its error budget
+    is spent.) Records ``skip/skipped``, ``skip/total``, ``skip/consecutive``,
+    ``skip/halt`` and ``skip/z``.
+
+    Args:
+      inner: the transformation to protect (e.g. a clipper chained with an optimizer).
+      nonfinite: skip steps whose gradient holds a NaN or Inf.
+      spike_z: skip steps whose norm z-score exceeds this; ``None`` disables it.
+      window: number of past good norms in the z-score statistics.
+      max_consecutive: skips in a row that set the halt flag; ``None`` never halts.
+      min_window: good norms needed before spike detection; default ``min(window, 16)``.
+      axis_name: under ``shard_map``/``pmap``, the decision is reduced across this axis
+        so every replica skips together.
+
+    >>> import jax.numpy as jnp, optax, jaxstab
+    >>> tx = jaxstab.skip_bad_steps(optax.adam(1e-3), max_consecutive=2)
+    >>> params = {"w": jnp.ones(2)}
+    >>> state = tx.init(params)
+    >>> out, state = tx.update({"w": jnp.array([jnp.nan, 1.0])}, state, params)
+    >>> out["w"].tolist(), bool(jaxstab.read_stats(state)["skip/skipped"])
+    ([0.0, 0.0], True)
+    """
+    if spike_z is not None:
+        _groups.check_positive("spike_z", spike_z)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"window must be an int >= 2, got {window!r}")
+    if max_consecutive is not None and (
+        isinstance(max_consecutive, bool)
+        or not isinstance(max_consecutive, int)
+        or max_consecutive < 1
+    ):
+        raise ValueError(f"max_consecutive must be a positive int or None, got {max_consecutive!r}")
+    min_n = min(window, 16) if min_window is None else min_window
+    if isinstance(min_n, bool) or not isinstance(min_n, int) or not 2 <= min_n <= window:
+        raise ValueError(f"min_window must be an int in [2, window], got {min_window!r}")
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params: Any) -> SkipBadStepsState:
+        i0 = jnp.zeros((), jnp.int32)
+        b0 = jnp.zeros((), jnp.bool_)
+        return SkipBadStepsState(
+            inner.init(params),
+            jnp.zeros((window,), jnp.float32),
+            i0,
+            b0,
+            i0,
+            i0,
+            b0,
+            jnp.zeros((), jnp.float32),
+        )
+
+    def update_fn(
+        updates: Any, state: SkipBadStepsState, params: Any = None, **extra_args: Any
+    ) -> tuple[Any, SkipBadStepsState]:
+        ts = _groups.tree_stats(updates, axis_name)
+        g = _groups.global_norm(ts).astype(jnp.float32)
+        finite = _groups.all_finite(ts)
+
+        n = jnp.minimum(state.good, window)
+        valid = jnp.arange(window) < n
+        nf = jnp.maximum(n, 1).astype(jnp.float32)
+        mean = jnp.sum(jnp.where(valid, state.norms, 0.0)) / nf
+        var = jnp.sum(jnp.where(valid, (state.norms - mean) ** 2, 0.0)) / nf
+        ready = n >= min_n
+        z = jnp.where(ready, (g - mean) / jnp.maximum(jnp.sqrt(var), _EPS), 0.0)
+
+        bad = state.halt
+        if nonfinite:
+            bad = bad | ~finite
+        if spike_z is not None:
+            bad = bad | (ready & finite & (z > spike_z))
+
+        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+        out = jax.tree.map(lambda u: jnp.where(bad, jnp.zeros_like(u), u), new_updates)
+        inner_state = _groups.select_tree(bad, state.inner_state, new_inner)
+
+        good_step = ~bad & finite
+        norms = jnp.where(good_step, state.norms.at[state.good % window].set(g), state.norms)
+        consecutive = jnp.where(bad, state.consecutive + 1, 0)
+        halt = state.halt
+        if max_consecutive is not None:
+            halt = halt | (consecutive >= max_consecutive)
+        return out, SkipBadStepsState(
+            inner_state=inner_state,
+            norms=norms,
+            good=state.good + good_step.astype(jnp.int32),
+            skipped=bad,
+            total=state.total + bad.astype(jnp.int32),
+            consecutive=consecutive,
+            halt=halt,
+            z=z,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
