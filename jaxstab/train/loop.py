@@ -1,0 +1,252 @@
+"""``fit``: the training loop shared by every model.
+
+The step is a pure jitted function of the NNX ``(graphdef, state)`` split; ``steps_per_call``
+consecutive steps are fused with ``lax.scan`` into one call, and the host touches the device
+once per call (one ``device_get`` of the stacked per-step outputs and the halt code).
+
+Example:
+  >>> import jax, jax.numpy as jnp, numpy as np, optax
+  >>> from flax import nnx
+  >>> x = np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32)
+  >>> data = {"x": x, "y": x @ np.array([[1.0], [-2.0], [0.5]], np.float32)}
+  >>> def loss_fn(model, batch, key):
+  ...     err = model(batch["x"]) - batch["y"]
+  ...     return jnp.mean(err**2), {"mae": jnp.mean(jnp.abs(err))}
+  >>> result = fit(nnx.Linear(3, 1, rngs=nnx.Rngs(0)), optax.adam(0.05), loss_fn, data,
+  ...              batch_size=16, epochs=30, key=jax.random.key(0))
+  >>> result.status, result.steps, bool(result.history["loss"][-1] < 1e-2)
+  ('ok', 120, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxstab.train import batching
+from jaxstab.train.checkpoint import CheckpointStore
+from jaxstab.train.progress import TrainProgress
+from jaxstab.train.recorder import Recorder
+from jaxstab.train.step import (
+    RUNNING,
+    STATUS_NAMES,
+    Carry,
+    make_chunk_fn,
+    make_eval_fn,
+)
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns.
+
+    Attributes:
+      model: the trained module (in the train/eval mode the input model was in).
+      opt_state: the final optimizer state.
+      history: one entry per step (``loss``, every aux term, ``grad/global_norm``; with
+        ``record`` every ``jaxstab.read_stats`` name and ``input/<name>``). When the run
+        stops early, the last entry is the offending step, whose update was not applied.
+      status: ``'ok'``, ``'explosion'`` or ``'nonfinite'``.
+      steps: optimizer updates applied.
+      epochs: epochs completed.
+      epoch_history: per completed epoch, ``train_loss`` (mean step loss) and, with
+        ``eval_data``, ``eval_loss``.
+      best_metric: the best epoch metric (eval loss, else train loss), ``inf`` if none.
+      steps_per_epoch: ``ceil(N / batch_size)``.
+    """
+
+    model: nnx.Module
+    opt_state: Any
+    history: dict[str, np.ndarray]
+    status: str
+    steps: int
+    epochs: int
+    epoch_history: dict[str, np.ndarray]
+    best_metric: float
+    steps_per_epoch: int
+
+
+def _copy(tree: Any) -> Any:
+    # Fresh buffers: the training calls donate their carry, the caller's model must survive.
+    return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
+
+
+def _check_args(batch_size: int, epochs: int, steps_per_call: int | None) -> None:
+    if not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(epochs, int | np.integer) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+    if steps_per_call is not None and (
+        not isinstance(steps_per_call, int | np.integer) or steps_per_call < 1
+    ):
+        raise ValueError(
+            f"steps_per_call must be None or a positive integer, got {steps_per_call!r}"
+        )
+
+
+def fit(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    loss_fn: Callable,
+    data: Mapping[str, Any],
+    *,
+    batch_size: int,
+    epochs: int,
+    key: jax.Array,
+    steps_per_call: int | None = None,
+    eval_data: Mapping[str, Any] | None = None,
+    checkpoint_dir: str | None = None,
+    resume: bool = False,
+    explosion_norm: float | None = 100.0,
+    record: bool = False,
+    progress: bool = False,
+    batch_stats_fn: Callable[[Mapping[str, jax.Array]], dict] | None = None,
+    halt_on_nonfinite: bool = True,
+) -> FitResult:
+    """Trains ``model`` on ``data`` with ``tx``; see the module docstring for an example.
+
+    Args:
+      model: an ``nnx.Module``; not modified (the trained copy is ``result.model``).
+      tx: optimizer over ``nnx.state(model, nnx.Param)``.
+      loss_fn: ``(model, batch, key) -> (loss, aux)``; pure and jittable.
+      data: arrays with a shared leading size ``N``; moved to the device once.
+      batch_size: ``B``; each epoch has ``ceil(N / B)`` steps, the last batch wraps around.
+      epochs: number of passes.
+      key: the run's key (typed or raw). With ``perm_key, step_key, eval_key =
+        jax.random.split(key, 3)``, epoch ``e`` visits the examples in the order
+        ``jax.random.permutation(jax.random.fold_in(perm_key, e), N)`` and step ``t`` of the
+        run (counting from 0 over all epochs) calls ``loss_fn`` with
+        ``jax.random.fold_in(step_key, t)``.
+      steps_per_call: steps fused per jitted call; ``None`` is one whole epoch per call.
+      eval_data: evaluated in eval mode after every epoch (mean of ``loss_fn``).
+      checkpoint_dir: keeps orbax ``latest`` (every epoch) and ``best`` (by eval loss, else
+        train loss) checkpoints there.
+      resume: continue from ``checkpoint_dir``'s ``latest`` checkpoint when there is one; the
+        run key is then the checkpointed one.
+      explosion_norm: stop when the global gradient norm exceeds it or is non-finite
+        (``None``: never).
+      record: keep every ``jaxstab.read_stats`` value per step in ``history``.
+      progress: draw a rich progress bar on stderr.
+      batch_stats_fn: with ``record``, ``batch -> {name: scalar}`` kept as ``input/<name>``.
+      halt_on_nonfinite: stop when the loss is non-finite.
+
+    Returns:
+      A :class:`FitResult`.
+    """
+    _check_args(batch_size, epochs, steps_per_call)
+    n = batching.check_data(data, "data")
+    if eval_data is not None:
+        batching.check_data(eval_data, "eval_data")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir")
+    spe = batching.steps_per_epoch(n, batch_size)
+    chunk = spe if steps_per_call is None else min(steps_per_call, spe)
+
+    # One graphdef per mode: train()/eval() flags are static attributes of the graph.
+    out_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    work = nnx.merge(out_graphdef, params, rest, copy=True)
+    work.train()
+    train_graphdef = nnx.split(work, nnx.Param, ...)[0]
+    work.eval()
+    eval_graphdef = nnx.split(work, nnx.Param, ...)[0]
+    params, rest = _copy(params), _copy(rest)
+    opt_state = tx.init(params)
+
+    store = CheckpointStore(checkpoint_dir) if checkpoint_dir is not None else None
+    start_epoch, global_step, best = 0, 0, float("inf")
+    history: dict[str, np.ndarray] = {}
+    epoch_hist: dict[str, list[float]] = {"train_loss": [], "eval_loss": []}
+    if resume and store is not None and store.latest_step("latest") is not None:
+        leaves, treedef = jax.tree.flatten((params, opt_state, rest))
+        restored, history, meta = store.restore("latest", leaves)
+        params, opt_state, rest = jax.tree.unflatten(treedef, restored)
+        start_epoch, global_step, best = meta["epoch"], meta["step"], float(meta["best"])
+        epoch_hist = {k: list(v) for k, v in meta["epoch_history"].items()}
+        key = jax.random.wrap_key_data(jnp.asarray(meta["key"], jnp.uint32), impl=meta["impl"])
+
+    typed_key = key if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else None
+    if typed_key is None:
+        typed_key = jax.random.wrap_key_data(key)
+    perm_key, step_key, eval_key = jax.random.split(typed_key, 3)
+
+    run = make_chunk_fn(
+        train_graphdef,
+        tx,
+        loss_fn,
+        batch_size=batch_size,
+        explosion_norm=explosion_norm,
+        halt_on_nonfinite=halt_on_nonfinite,
+        record=record,
+        batch_stats_fn=batch_stats_fn,
+    )
+    permutation = jax.jit(batching.epoch_permutation, static_argnums=2)
+    evaluate = make_eval_fn(eval_graphdef, loss_fn, batch_size=batch_size) if eval_data else None
+    device_data = jax.device_put({k: jnp.asarray(v) for k, v in data.items()})
+    device_eval = (
+        jax.device_put({k: jnp.asarray(v) for k, v in eval_data.items()}) if eval_data else None
+    )
+
+    carry = Carry(params, opt_state, rest, jnp.int32(RUNNING))
+    recorder = Recorder(history)
+    bar = TrainProgress(epochs * spe, enabled=progress, completed=min(global_step, epochs * spe))
+    halt = RUNNING
+    try:
+        for epoch in range(start_epoch, epochs):
+            perm = permutation(perm_key, epoch, n)
+            first, epoch_loss = 0, 0.0
+            while first < spe and halt == RUNNING:
+                n_steps = min(chunk, spe - first)
+                carry, out = run(
+                    carry, device_data, perm, first, global_step, step_key, n_steps=n_steps
+                )
+                n_valid, halt = recorder.pull(out, carry.halt)
+                epoch_loss += float(np.sum(recorder.tail("loss")))
+                applied = n_valid - (halt != RUNNING)
+                global_step += applied
+                first += n_steps
+                bar.update(applied, recorder.last, epoch=epoch + 1)
+            if halt != RUNNING:
+                break
+            train_loss = epoch_loss / spe
+            epoch_hist["train_loss"].append(train_loss)
+            metric = train_loss
+            if evaluate is not None:
+                metric = float(evaluate(carry.params, carry.rest, device_eval, eval_key))
+                epoch_hist["eval_loss"].append(metric)
+            if store is not None:
+                leaves = jax.tree.leaves((carry.params, carry.opt_state, carry.rest))
+                meta = {
+                    "epoch": epoch + 1,
+                    "step": global_step,
+                    "best": min(best, metric) if np.isfinite(metric) else best,
+                    "epoch_history": epoch_hist,
+                    "key": np.asarray(jax.random.key_data(typed_key)).tolist(),
+                    "impl": str(jax.random.key_impl(typed_key)),
+                }
+                if np.isfinite(metric) and metric < best:
+                    store.save("best", global_step, leaves, {}, meta)
+                store.save("latest", global_step, leaves, recorder.history(), meta)
+            if np.isfinite(metric) and metric < best:
+                best = metric
+    finally:
+        bar.close()
+        if store is not None:
+            store.close()
+
+    completed = len(epoch_hist["train_loss"])
+    return FitResult(
+        model=nnx.merge(out_graphdef, carry.params, carry.rest),
+        opt_state=carry.opt_state,
+        history=recorder.history(),
+        status=STATUS_NAMES[halt],
+        steps=global_step,
+        epochs=completed,
+        epoch_history={k: np.asarray(v, dtype=np.float64) for k, v in epoch_hist.items()},
+        best_metric=best,
+        steps_per_epoch=spe,
+    )
