@@ -1,0 +1,326 @@
+"""CFM-VC in PyTorch, written from the same description as ``models.cfmvc``, with the guards
+of the seed-002 version: ``clamp`` bounds, ``eps``-protected NB log-likelihood with non-finite
+terms replaced by ``-1e6``, ``clip_grad_norm_`` and a per-parameter ``isfinite`` scan of the
+gradients every ``nan_check_interval`` batches.
+
+``bound="soft"`` swaps the two ``clamp`` bounds for the smooth ``soft_clip`` used by the Flax
+port, so both sides compute the same function (the parity tests use it); ``bound="clamp"`` is
+the seed's behaviour. :func:`torch_state_dict_to_nnx` copies weights onto the Flax model.
+
+Example:
+  >>> import torch
+  >>> from flax import nnx
+  >>> from models.cfmvc import CFMVC
+  >>> torch_model = CFMVCModel(20, 2, 3, 4)
+  >>> model = CFMVC(20, 2, 3, 4, rngs=nnx.Rngs(0))
+  >>> model = torch_state_dict_to_nnx(torch_model.state_dict(), model)
+  >>> bool((model.encoder.fc1.kernel[...] == torch_model.encoder.fc1.weight.T.numpy()).all())
+  True
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flax import nnx
+from torch import nn
+
+EMB_DIM = 8
+TIME_DIM = 16
+SPATIAL_OUT = 16
+EPS = 1e-8
+
+
+def soft_clip(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """Torch version of ``jaxstab.numerics.soft_clip`` (same formula)."""
+    mid, half = 0.5 * (low + high), 0.5 * (high - low)
+    z = (x - mid) / half
+    return mid + half * z * torch.rsqrt(1.0 + z * z)
+
+
+def _bound(x: torch.Tensor, limit: float, mode: str) -> torch.Tensor:
+    if mode == "clamp":
+        return torch.clamp(x, -limit, limit)
+    if mode == "soft":
+        return soft_clip(x, -limit, limit)
+    raise ValueError(f"bound must be 'clamp' or 'soft', got {mode!r}")
+
+
+def _init_linear(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+
+class EncoderVAE(nn.Module):
+    def __init__(self, n_genes, n_batch, n_ct, dim_int=32, dim_tech=8, hidden=256, dropout=0.1,
+                 bound="clamp"):  # fmt: skip
+        super().__init__()
+        self.bound = bound
+        self.batch_emb = nn.Embedding(n_batch, EMB_DIM)
+        self.ct_emb = nn.Embedding(n_ct, EMB_DIM)
+        self.fc1 = nn.Linear(n_genes + 2 * EMB_DIM, hidden)
+        self.dropout1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.dropout2 = nn.Dropout(dropout)
+        self.z_int_mean = nn.Linear(hidden, dim_int)
+        self.z_int_logvar = nn.Linear(hidden, dim_int)
+        self.z_tech_mean = nn.Linear(hidden, dim_tech)
+        self.z_tech_logvar = nn.Linear(hidden, dim_tech)
+        _init_linear(self)
+
+    def forward(self, x, batch_idx, ct_idx):
+        h = torch.cat([torch.log1p(x), self.batch_emb(batch_idx), self.ct_emb(ct_idx)], -1)
+        h = self.dropout1(F.relu(self.fc1(h)))
+        h = self.dropout2(F.relu(self.fc2(h)))
+        return (
+            self.z_int_mean(h),
+            _bound(self.z_int_logvar(h), 10.0, self.bound),
+            self.z_tech_mean(h),
+            _bound(self.z_tech_logvar(h), 10.0, self.bound),
+        )
+
+
+class DecoderVAE(nn.Module):
+    def __init__(self, n_genes, dim_int=32, dim_tech=8, hidden=256, dropout=0.1, bound="clamp"):
+        super().__init__()
+        self.bound = bound
+        self.fc1 = nn.Linear(dim_int + dim_tech, hidden)
+        self.dropout1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.dropout2 = nn.Dropout(dropout)
+        self.mean_out = nn.Linear(hidden, n_genes)
+        self.log_theta = nn.Parameter(torch.zeros(n_genes))
+        _init_linear(self)
+
+    def forward(self, z_int, z_tech):
+        h = torch.cat([z_int, z_tech], -1)
+        h = self.dropout1(F.relu(self.fc1(h)))
+        h = self.dropout2(F.relu(self.fc2(h)))
+        mean = torch.exp(_bound(self.mean_out(h), 20.0, self.bound))
+        return mean, torch.exp(self.log_theta)
+
+
+def nb_log_likelihood(x, mean, theta, eps=EPS):
+    """Per-cell NB log-likelihood with the seed's eps guards; non-finite terms → -1e6."""
+    mean = torch.clamp(mean, min=eps)
+    theta = torch.clamp(theta, min=eps).unsqueeze(0)
+    log_theta_mean = torch.log(theta + mean + eps)
+    log_p = (
+        torch.lgamma(x + theta)
+        - torch.lgamma(theta)
+        - torch.lgamma(x + 1.0)
+        + theta * (torch.log(theta + eps) - log_theta_mean)
+        + x * (torch.log(mean + eps) - log_theta_mean)
+    )
+    log_p = torch.where(torch.isfinite(log_p), log_p, torch.full_like(log_p, -1e6))
+    return log_p.sum(-1)
+
+
+class ContextEncoder(nn.Module):
+    def __init__(self, n_batch, n_ct, p_dim, spatial_dim=None, hidden=64):
+        super().__init__()
+        self.spatial_dim = spatial_dim
+        self.batch_emb = nn.Embedding(n_batch, EMB_DIM)
+        self.ct_emb = nn.Embedding(n_ct, EMB_DIM)
+        if spatial_dim is not None:
+            self.spatial_mlp = nn.Sequential(
+                nn.Linear(spatial_dim, SPATIAL_OUT),
+                nn.ReLU(),
+                nn.Linear(SPATIAL_OUT, SPATIAL_OUT),
+                nn.ReLU(),
+            )
+        dims = [p_dim + EMB_DIM, hidden, hidden, hidden]
+        self.pert_mlp_layers = nn.ModuleList(
+            [nn.Linear(a, b, bias=False) for a, b in itertools.pairwise(dims)]
+        )
+        self.context_dim = 2 * EMB_DIM + (SPATIAL_OUT if spatial_dim is not None else 0)
+        self.alpha_dim = hidden
+        _init_linear(self)
+
+    def forward(self, p, batch_idx, ct_idx, spatial=None):
+        ct_e = self.ct_emb(ct_idx)
+        parts = [self.batch_emb(batch_idx), ct_e]
+        if self.spatial_dim is not None:
+            parts.append(self.spatial_mlp(spatial))
+        gate = p.abs().amax(-1, keepdim=True)  # control (p = 0) → zero input → alpha = 0
+        h = torch.cat([p, gate * ct_e], -1)
+        for i, layer in enumerate(self.pert_mlp_layers):
+            h = layer(h)
+            if i < len(self.pert_mlp_layers) - 1:
+                h = F.relu(h)
+        return torch.cat(parts, -1), h
+
+
+class FlowField(nn.Module):
+    def __init__(self, dim_int, context_dim, alpha_dim, hidden=128, n_basis=16):
+        super().__init__()
+        self.dim_int, self.n_basis = dim_int, n_basis
+        self.time_mlp = nn.Sequential(
+            nn.Linear(1, TIME_DIM), nn.SiLU(), nn.Linear(TIME_DIM, TIME_DIM)
+        )
+        self.trunk = nn.Sequential(
+            nn.Linear(dim_int + TIME_DIM + context_dim, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+        )
+        self.base_head = nn.Linear(hidden, dim_int)
+        self.basis_head = nn.Linear(hidden, n_basis * dim_int)
+        self.alpha_head = nn.Linear(alpha_dim, n_basis, bias=False)
+        _init_linear(self)
+
+    def forward(self, z_t, t, context, alpha):
+        h = self.trunk(torch.cat([z_t, self.time_mlp(t.unsqueeze(-1)), context], -1))
+        basis = self.basis_head(h).view(h.shape[0], self.n_basis, self.dim_int)
+        coeff = self.alpha_head(alpha).unsqueeze(-1)
+        return self.base_head(h) + (coeff * basis).sum(1)
+
+
+class CFMVCModel(nn.Module):
+    """The full model: ``encoder``, ``decoder``, ``context_encoder``, ``flow``."""
+
+    def __init__(self, n_genes, n_batch, n_ct, n_perts, dim_int=32, dim_tech=8, hidden_vae=256,
+                 hidden_ctx=64, hidden_flow=128, n_basis=16, dropout=0.1, spatial_dim=None,
+                 bound="clamp"):  # fmt: skip
+        super().__init__()
+        self.dim_int, self.dim_tech = dim_int, dim_tech
+        self.encoder = EncoderVAE(n_genes, n_batch, n_ct, dim_int, dim_tech, hidden_vae, dropout,
+                                  bound)  # fmt: skip
+        self.decoder = DecoderVAE(n_genes, dim_int, dim_tech, hidden_vae, dropout, bound)
+        self.context_encoder = ContextEncoder(n_batch, n_ct, n_perts, spatial_dim, hidden_ctx)
+        self.flow = FlowField(dim_int, self.context_encoder.context_dim,
+                              self.context_encoder.alpha_dim, hidden_flow, n_basis)  # fmt: skip
+
+    def vae_forward(self, x, batch_idx, ct_idx, eps_int=None, eps_tech=None, beta=1.0):
+        """Returns ``(loss, nll, kl)``; the noise defaults to fresh ``randn``."""
+        mu_i, lv_i, mu_t, lv_t = self.encoder(x, batch_idx, ct_idx)
+        eps_int = torch.randn_like(mu_i) if eps_int is None else eps_int
+        eps_tech = torch.randn_like(mu_t) if eps_tech is None else eps_tech
+        mean, theta = self.decoder(mu_i + eps_int * torch.exp(0.5 * lv_i),
+                                   mu_t + eps_tech * torch.exp(0.5 * lv_t))  # fmt: skip
+        nll = -nb_log_likelihood(x, mean, theta).mean()
+        kl = (-0.5 * (1.0 + lv_i - mu_i.pow(2) - lv_i.exp()).sum(-1)
+              - 0.5 * (1.0 + lv_t - mu_t.pow(2) - lv_t.exp()).sum(-1)).mean()  # fmt: skip
+        return nll + beta * kl, nll, kl
+
+    def flow_step(self, x, p, batch_idx, ct_idx, z0, t, spatial=None):
+        """Flow-matching loss to the detached encoder mean; returns ``(loss, v)``."""
+        with torch.no_grad():
+            was_training = self.encoder.training
+            self.encoder.eval()
+            z1 = self.encoder(x, batch_idx, ct_idx)[0].detach()
+            self.encoder.train(was_training)
+        z_t = (1.0 - t).unsqueeze(-1) * z0 + t.unsqueeze(-1) * z1
+        context, alpha = self.context_encoder(p, batch_idx, ct_idx, spatial)
+        v = self.flow(z_t, t, context, alpha)
+        return ((v - (z1 - z0)) ** 2).mean(), v
+
+
+def torch_state_dict_to_nnx(state_dict: Mapping[str, torch.Tensor], model: nnx.Module):
+    """Copies a :class:`CFMVCModel` state dict onto the Flax ``CFMVC`` ``model`` (in place).
+
+    Names map one to one (``nnx.Sequential``'s ``layers`` level dropped); a Linear ``weight``
+    ``[out, in]`` becomes ``kernel [in, out]``, an Embedding ``weight`` becomes ``embedding``.
+    Raises ``KeyError`` / ``ValueError`` for a missing, extra or mis-shaped entry. Returns
+    ``model``.
+    """
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    unused = dict(state_dict)
+    updates = []
+    for path, var in flat:
+        names = [str(k) for k in path if k != "layers"]
+        leaf = path[-1]
+        names[-1] = "weight" if leaf in ("kernel", "embedding") else names[-1]
+        key = ".".join(names)
+        if key not in unused:
+            raise KeyError(f"state_dict has no entry {key!r} for {'/'.join(map(str, path))}")
+        value = unused.pop(key).detach().cpu().numpy()
+        if leaf == "kernel":
+            value = value.T
+        if value.shape != var[...].shape:
+            raise ValueError(f"{key}: shape {value.shape} does not match {var[...].shape}")
+        updates.append((path, jnp.asarray(value, var[...].dtype)))
+    if unused:
+        raise KeyError(f"state_dict entries with no NNX parameter: {sorted(unused)}")
+    for path, value in updates:
+        node = model
+        for k in path[:-1]:
+            node = node[k] if isinstance(k, int) else getattr(node, k)
+        getattr(node, path[-1])[...] = value
+    return model
+
+
+def _check_grads(model: nn.Module, step: int) -> list[str]:
+    """The seed's per-parameter finiteness scan (one host sync per parameter)."""
+    bad = []
+    for name, param in model.named_parameters():
+        if param.grad is not None and not torch.all(torch.isfinite(param.grad)):
+            bad.append(f"{name}@{step}")
+    return bad
+
+
+def train_stage1(
+    model: CFMVCModel,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-5,
+    clip: float = 1.0,
+    nan_check_interval: int = 10,
+    seed: int = 0,
+    compile: bool = False,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Stage-1 VAE training as in the seed: AdamW, clip, periodic NaN scan.
+
+    Batches follow the same rule as ``jaxstab.train.fit`` (a permutation per epoch, the last
+    batch wrapping around). Returns ``{"loss": [...], "epoch_seconds": [...], "nan": [...]}``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.to(device).train()
+    x = torch.as_tensor(arrays["x"], device=device)
+    b = torch.as_tensor(arrays["batch"], dtype=torch.long, device=device)
+    c = torch.as_tensor(arrays["cell_type"], dtype=torch.long, device=device)
+    params = list(model.encoder.parameters()) + list(model.decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    loss_fn = torch.compile(model.vae_forward) if compile else model.vae_forward
+    n = x.shape[0]
+    steps = math.ceil(n / batch_size)
+    history: dict[str, Any] = {"loss": [], "epoch_seconds": [], "nan": []}
+    global_step = 0
+    for _ in range(epochs):
+        start = time.perf_counter()
+        perm = torch.randperm(n, generator=gen).to(device)
+        perm = torch.cat([perm, perm[: steps * batch_size - n]])
+        for i in range(steps):
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            loss, _, _ = loss_fn(x[idx], b[idx], c[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_norm=clip)
+            if global_step % nan_check_interval == 0:
+                if not torch.isfinite(loss):
+                    history["nan"].append(global_step)
+                    break
+                history["nan"].extend(_check_grads(model, global_step))
+            opt.step()
+            history["loss"].append(float(loss.detach()))
+            global_step += 1
+        history["epoch_seconds"].append(time.perf_counter() - start)
+    return history
