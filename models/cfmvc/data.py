@@ -287,5 +287,12 @@ def load_anndata(
     if "true_lfc" in adata.varm and "true_lfc_perturbations" in adata.uns:
         truth = np.asarray(adata.varm["true_lfc"], np.float32)
         order = [str(n) for n in adata.uns["true_lfc_perturbations"]]
-        meta["true_lfc"] = np.stack([truth[:, order.index(n)] for n in columns], axis=1)
+        sim_control = adata.uns.get("control")
+        zero = np.zeros(truth.shape[0], np.float32)
+        cols = [
+            truth[:, order.index(n)] if n in order else zero if n == sim_control else None
+            for n in columns
+        ]
+        if all(c is not None for c in cols):  # the true effect of every one-hot column
+            meta["true_lfc"] = np.stack(cols, axis=1)
     return Dataset(arrays=arrays, meta=meta)
