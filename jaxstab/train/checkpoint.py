@@ -83,15 +83,13 @@ class CheckpointStore:
         names = list(history)
         meta = {**meta, "history_names": names}
         manager = self._managers[kind]
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave([_to_savable(x) for x in leaves]),
-                history=ocp.args.StandardSave([np.asarray(history[k]) for k in names]),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
+        items = {
+            "state": ocp.args.StandardSave([_to_savable(x) for x in leaves]),
+            "meta": ocp.args.JsonSave(meta),
+        }
+        if names:  # orbax refuses empty trees
+            items["history"] = ocp.args.StandardSave([np.asarray(history[k]) for k in names])
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
         manager.wait_until_finished()
 
     def restore(
@@ -106,19 +104,17 @@ class CheckpointStore:
         if step is None:
             raise FileNotFoundError(f"no {kind!r} checkpoint under {self.directory}")
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore([_abstract(x) for x in template_leaves]),
-                history=ocp.args.StandardRestore(),
-            ),
-        )
+        names = meta.pop("history_names")
+        items = {"state": ocp.args.StandardRestore([_abstract(x) for x in template_leaves])}
+        if names:
+            items["history"] = ocp.args.StandardRestore()
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
         leaves = [
             jax.random.wrap_key_data(v, impl=jax.random.key_impl(t)) if _is_key(t) else v
             for v, t in zip(restored["state"], template_leaves, strict=True)
         ]
-        values = restored["history"] or []
-        history = {k: np.asarray(v) for k, v in zip(meta.pop("history_names"), values, strict=True)}
+        values = restored["history"] if names else []
+        history = {k: np.asarray(v) for k, v in zip(names, values, strict=True)}
         return leaves, history, meta
 
     def close(self) -> None:

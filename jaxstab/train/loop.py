@@ -71,6 +71,9 @@ class FitResult(NamedTuple):
     steps_per_epoch: int
 
 
+_permutation = jax.jit(batching.epoch_permutation, static_argnums=2)
+
+
 def _copy(tree: Any) -> Any:
     # Fresh buffers: the training calls donate their carry, the caller's model must survive.
     return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
@@ -154,7 +157,6 @@ def fit(
     train_graphdef = nnx.split(work, nnx.Param, ...)[0]
     work.eval()
     eval_graphdef = nnx.split(work, nnx.Param, ...)[0]
-    params, rest = _copy(params), _copy(rest)
     opt_state = tx.init(params)
 
     store = CheckpointStore(checkpoint_dir) if checkpoint_dir is not None else None
@@ -184,20 +186,21 @@ def fit(
         record=record,
         batch_stats_fn=batch_stats_fn,
     )
-    permutation = jax.jit(batching.epoch_permutation, static_argnums=2)
     evaluate = make_eval_fn(eval_graphdef, loss_fn, batch_size=batch_size) if eval_data else None
     device_data = jax.device_put({k: jnp.asarray(v) for k, v in data.items()})
     device_eval = (
         jax.device_put({k: jnp.asarray(v) for k, v in eval_data.items()}) if eval_data else None
     )
 
-    carry = Carry(params, opt_state, rest, jnp.int32(RUNNING))
+    # Fresh, distinct buffers: every call donates its carry, and optimizer states may share
+    # one array between fields (or with the caller's model).
+    carry = Carry(*_copy((params, opt_state, rest)), jnp.int32(RUNNING))
     recorder = Recorder(history)
     bar = TrainProgress(epochs * spe, enabled=progress, completed=min(global_step, epochs * spe))
     halt = RUNNING
     try:
         for epoch in range(start_epoch, epochs):
-            perm = permutation(perm_key, epoch, n)
+            perm = _permutation(perm_key, epoch, n)
             first, epoch_loss = 0, 0.0
             while first < spe and halt == RUNNING:
                 n_steps = min(chunk, spe - first)

@@ -115,7 +115,11 @@ def make_step_fn(
             halt = jnp.where(jnp.isfinite(gnorm), halt, NONFINITE)
         if halt_on_nonfinite:
             halt = jnp.where(jnp.isfinite(loss), halt, NONFINITE)
-        apply = halt == RUNNING
+        # A step after a halt still runs (no lax.cond around the step: cheaper to compile) but
+        # its update is dropped, the first halt code is kept and its outputs are invalid.
+        running = carry.halt == RUNNING
+        apply = running & (halt == RUNNING)
+        halt = jnp.where(running, halt, carry.halt)
         kept = _select(
             apply,
             (new_params, new_opt_state, new_rest),
@@ -133,12 +137,15 @@ def make_step_fn(
         out.setdefault(GLOBAL_NORM, gnorm)
         if record and batch_stats_fn is not None:
             out.update({f"input/{k}": jnp.asarray(v) for k, v in batch_stats_fn(batch).items()})
-        out[VALID] = jnp.bool_(True)
+        out[VALID] = running
         return new_carry, out
 
     return step
 
 
+# Cached so that repeated ``fit`` calls with the same graph, optimizer and loss function (seeds
+# of one experiment, a resumed run) reuse one compiled executable; all arguments are hashable.
+@functools.lru_cache(maxsize=32)
 def make_chunk_fn(
     train_graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -173,19 +180,14 @@ def make_chunk_fn(
             idx = batching.batch_indices(perm, first_step + t, batch_size)
             batch = batching.take(data, idx)
             key = jax.random.fold_in(step_key, global_step + t)
-            out_shape = jax.eval_shape(step, c, batch, key)[1]
-
-            def skip(c):
-                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
-                return c, zeros
-
-            return jax.lax.cond(c.halt == RUNNING, lambda c: step(c, batch, key), skip, c)
+            return step(c, batch, key)
 
         return jax.lax.scan(body, carry, jnp.arange(n_steps))
 
     return run
 
 
+@functools.lru_cache(maxsize=32)
 def make_eval_fn(eval_graphdef: nnx.GraphDef, loss_fn: Callable, *, batch_size: int) -> Callable:
     """Jitted ``evaluate(params, rest, data, key) -> mean loss`` with the model in eval mode.
 
