@@ -101,9 +101,9 @@ class EncoderVAE(nnx.Module):
 class DecoderNB(nnx.Module):
     """[z_int, z_tech] → 256 → 256 → negative-binomial mean and per-gene dispersion.
 
-    The log-mean is soft-clipped to ``±20`` before ``exp``; ``theta = exp(log_theta)``. With
-    ``use_library_size`` the mean is ``softmax(logits) · library`` (in log space), otherwise the
-    network predicts the mean directly, as in the original.
+    The network output is soft-clipped to ``±20`` and is the log-mean, as in the original;
+    with ``use_library_size`` it is instead the logits of ``mean = softmax(logits) · library``.
+    ``theta = exp(log_theta)``.
     """
 
     def __init__(
@@ -137,12 +137,12 @@ class DecoderNB(nnx.Module):
         h = jnp.concatenate([z_int, z_tech], -1)
         h = self.dropout1(nnx.relu(self.fc1(h)), deterministic=deterministic)
         h = self.dropout2(nnx.relu(self.fc2(h)), deterministic=deterministic)
-        log_mean = self.mean_out(h)
+        log_mean = numerics.soft_clip(self.mean_out(h), -LOG_MEAN_BOUND, LOG_MEAN_BOUND)
         if self.use_library_size:
             if library is None:
                 raise ValueError("library is required when use_library_size=True")
+            # The bound acts on the logits, so the means still sum to the library size.
             log_mean = jax.nn.log_softmax(log_mean, -1) + numerics.safe_log(library)[..., None]
-        log_mean = numerics.soft_clip(log_mean, -LOG_MEAN_BOUND, LOG_MEAN_BOUND)
         return jnp.exp(log_mean), jnp.exp(self.log_theta[...])
 
 
