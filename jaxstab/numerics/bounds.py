@@ -1,0 +1,156 @@
+"""Smooth and straight-through bounds that keep a gradient everywhere."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxstab.numerics._common import check_less, promote
+from jaxstab.numerics.elementary import safe_log
+
+__all__ = [
+    "bounded_positive",
+    "bounded_positive_inverse",
+    "soft_clip",
+    "straight_through_clip",
+]
+
+
+@jax.custom_jvp
+def _bounded(raw: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
+    return low + (high - low) * jax.nn.sigmoid(raw)
+
+
+@_bounded.defjvp
+def _bounded_jvp(primals, tangents):
+    raw, low, high = primals
+    raw_dot, low_dot, high_dot = tangents
+    out = _bounded(raw, low, high)
+    up = jax.nn.sigmoid(raw)
+    down = jax.nn.sigmoid(-raw)
+    # sigmoid'(r) = sigmoid(r) * sigmoid(-r): both factors are computed without cancellation,
+    # so the derivative at r = ±50 is about 2e-22 instead of the 0 of ``s * (1 - s)``.
+    out_dot = (high - low) * up * down * raw_dot + down * low_dot + up * high_dot
+    return out, jnp.broadcast_to(out_dot, out.shape)
+
+
+def bounded_positive(
+    raw: jax.typing.ArrayLike, low: jax.typing.ArrayLike, high: jax.typing.ArrayLike
+) -> jax.Array:
+    """Smooth map of the real line onto ``(low, high)`` whose gradient never vanishes.
+
+    ``bounded_positive(raw, low, high) = low + (high - low) * sigmoid(raw)``, derivative
+    ``(high - low) * sigmoid(raw) * sigmoid(-raw)`` (``custom_jvp``), strictly positive for
+    ``raw`` in [-50, 50] in float32 (about 2e-22 at the ends). With ``0 <= low`` the result is
+    positive. Near the ends the value rounds to the bound itself once ``sigmoid`` rounds to 1.
+
+    The seed's ``exp(clip(raw, -5, 5))`` has gradient exactly 0 outside ±5, so a weight that
+    wanders there never comes back; and autodiff of ``sigmoid`` alone gives 0 at ``raw = 50``
+    because ``s * (1 - s)`` rounds to 0. Concrete bounds must satisfy ``low < high``
+    (``ValueError`` otherwise).
+
+    >>> import jax
+    >>> round(float(bounded_positive(0.0, 0.1, 10.0)), 4)
+    5.05
+    >>> bool(jax.grad(bounded_positive)(50.0, 0.1, 10.0) > 0)
+    True
+    """
+    check_less(low, high)
+    dtype, (raw, low, high) = promote(raw, low, high)
+    return _bounded(raw, low, high).astype(dtype)
+
+
+def bounded_positive_inverse(
+    value: jax.typing.ArrayLike, low: jax.typing.ArrayLike, high: jax.typing.ArrayLike
+) -> jax.Array:
+    """Inverse of :func:`bounded_positive`: the ``raw`` that maps to ``value``.
+
+    ``raw = log(value - low) - log(high - value)`` (the logit of
+    ``(value - low) / (high - low)``, written as a difference of logs so that values close to
+    either bound keep their precision). Values on or beyond a bound are floored through
+    :func:`safe_log`, giving a large finite ``raw`` (about ±87 plus the log-width in float32)
+    instead of ``±inf``. Naive ``log(p / (1 - p))`` loses all digits near ``p = 1``.
+
+    >>> round(float(bounded_positive_inverse(bounded_positive(1.5, 0.1, 10.0), 0.1, 10.0)), 4)
+    1.5
+    """
+    check_less(low, high)
+    dtype, (value, low, high) = promote(value, low, high)
+    return (safe_log(value - low) - safe_log(high - value)).astype(dtype)
+
+
+@jax.custom_jvp
+def _algebraic_sigmoid(z: jax.Array) -> jax.Array:
+    # z / sqrt(1 + z^2); beyond |z| = cap the value is ±1 to working precision and the true
+    # derivative (< cap^-3) underflows, so capping keeps z^2 from overflowing.
+    cap = jnp.sqrt(jnp.finfo(z.dtype).max) / 4
+    zc = jnp.clip(z, -cap, cap)
+    return zc * jax.lax.rsqrt(1 + zc * zc)
+
+
+@_algebraic_sigmoid.defjvp
+def _algebraic_sigmoid_jvp(primals, tangents):
+    (z,), (z_dot,) = primals, tangents
+    cap = jnp.sqrt(jnp.finfo(z.dtype).max) / 4
+    zc = jnp.clip(z, -cap, cap)
+    r = jax.lax.rsqrt(1 + zc * zc)
+    # (1 + z^2)^(-3/2) directly; autodiff of z * rsqrt(1 + z^2) cancels to 0 for large z.
+    return zc * r, r * r * r * z_dot
+
+
+def soft_clip(
+    x: jax.typing.ArrayLike, low: jax.typing.ArrayLike, high: jax.typing.ArrayLike
+) -> jax.Array:
+    """Smooth clip into ``(low, high)`` with a gradient that decays only polynomially.
+
+    With ``c = (low + high) / 2`` and ``h = (high - low) / 2``:
+    ``soft_clip(x) = c + h * z / sqrt(1 + z^2)``, ``z = (x - c) / h``. The slope is 1 at the
+    centre and ``(1 + z^2)^(-3/2)`` elsewhere (``custom_jvp``), so it is still non-zero far
+    outside the bounds (about 1e-12 at ``z = 1e4`` in float32). A ``tanh`` clip has the same
+    shape but its slope ``1 - tanh^2`` is exactly 0 once ``|z| > 9`` in float32, and a hard
+    ``clip`` has slope 0 everywhere outside. Concrete bounds must satisfy ``low < high``.
+
+    >>> import jax
+    >>> round(float(soft_clip(0.5, 0.0, 1.0)), 4), float(jax.grad(soft_clip)(0.5, 0.0, 1.0))
+    (0.5, 1.0)
+    >>> bool(jax.grad(soft_clip)(1e3, 0.0, 1.0) > 0)
+    True
+    """
+    check_less(low, high)
+    dtype, (x, low, high) = promote(x, low, high)
+    centre = 0.5 * (low + high)
+    half = 0.5 * (high - low)
+    return (centre + half * _algebraic_sigmoid((x - centre) / half)).astype(dtype)
+
+
+@jax.custom_jvp
+def _st_clip(x: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
+    return jnp.clip(x, low, high)
+
+
+@_st_clip.defjvp
+def _st_clip_jvp(primals, tangents):
+    x, low, high = primals
+    out = _st_clip(x, low, high)
+    return out, jnp.broadcast_to(tangents[0], out.shape).astype(out.dtype)
+
+
+def straight_through_clip(
+    x: jax.typing.ArrayLike, low: jax.typing.ArrayLike, high: jax.typing.ArrayLike
+) -> jax.Array:
+    """Hard clip in the forward pass, identity in the backward pass.
+
+    Value ``clip(x, low, high)`` exactly; derivative 1 with respect to ``x`` and 0 with
+    respect to the bounds (``custom_jvp``). The familiar ``x + stop_gradient(clip(x) - x)``
+    gives the wrong value for large ``|x|`` in float32 (``1e10 + (1 - 1e10)`` is 0, not 1) and
+    NaN for infinite ``x``; plain ``clip`` has gradient 0 outside the bounds.
+
+    >>> import jax
+    >>> float(straight_through_clip(5.0, 0.0, 1.0))
+    1.0
+    >>> float(jax.grad(straight_through_clip)(5.0, 0.0, 1.0))
+    1.0
+    """
+    check_less(low, high)
+    dtype, (x, low, high) = promote(x, low, high)
+    return _st_clip(x, low, high).astype(dtype)
