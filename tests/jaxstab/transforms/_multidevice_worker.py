@@ -285,6 +285,7 @@ def main() -> None:
         checks[f"jit_sharding/{name}"] = lambda n=name: (
             check_jit_named_sharding_matches_single_device(n)
         )
+    del checks["jit_sharding/skip_bad_steps"]  # inside guard_zclip_skip already
     for name in ("guard_zclip_skip", "guard_autoclip_zero", "group_clip_loss_scale"):
         checks[f"explicit_types/{name}"] = lambda n=name: check_explicit_sharding_types(n)
     for name in ("skip_bad_steps", "stability_guard"):
