@@ -1,11 +1,47 @@
-"""The ``jaxstab`` command line."""
+"""The ``jaxstab`` command line: ``diagnose``, ``train`` and ``compare``.
+
+Example:
+  >>> main(["--version"])  # doctest: +SKIP
+  jaxstab 0.1.0
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from jaxstab import __version__
+
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
+
+
+def _run_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--model", required=True, help="registered model name (e.g. cfmvc)")
+    p.add_argument("--data", help="data file for the model's loader (default: bundled data)")
+    p.add_argument("--epochs", type=int, help="passes over the data (default: model's)")
+    p.add_argument("--batch-size", type=int, help="examples per step (default: model's)")
+    p.add_argument("--lr", type=float, help="learning rate (default: model's)")
+    p.add_argument("--grad-clip", type=float, help="global-norm clip of the guard (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, init and batches")
+    p.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="plain optimizer: no clipping or skipping (norms still recorded)",
+    )
+    p.add_argument(
+        "--explosion-norm",
+        type=float,
+        help="stop when the global gradient norm exceeds this (default: model's, else 100)",
+    )
+    p.add_argument(
+        "--steps-per-call",
+        type=int,
+        help="training steps fused per jitted call (default: one epoch)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,8 +50,90 @@ def build_parser() -> argparse.ArgumentParser:
         description="Training-stability tools for JAX/Flax: diagnose exploding and NaN gradients.",
     )
     parser.add_argument("--version", action="version", version=f"jaxstab {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = _run_options()
+
+    d = sub.add_parser(
+        "diagnose",
+        parents=[run],
+        help="train with full recording and write a report",
+        description="Train with every step recorded; stop on explosion or a non-finite loss; "
+        "write gradient_stats.csv, input_features.csv, diagnosis_report.json, "
+        "diagnostics.png, gradient_heatmap.png, feature_changes.png and checkpoints/.",
+    )
+    d.add_argument("--output-dir", help="report directory (default: runs/<model>-diagnosis)")
+    d.add_argument("--warn-norm", type=float, default=5.0, help="total-norm warning level")
+    d.add_argument("--danger-norm", type=float, default=10.0, help="total-norm danger level")
+    d.add_argument("--group-warn-norm", type=float, default=3.0, help="group-norm warning")
+    d.add_argument("--group-danger-norm", type=float, default=10.0, help="group-norm danger")
+
+    t = sub.add_parser(
+        "train",
+        parents=[run],
+        help="train with checkpoints, no per-step recording",
+        description="Train with orbax checkpoints (best and latest) and a progress bar.",
+    )
+    t.add_argument("--output-dir", help="run directory (default: runs/<model>-train)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+
+    c = sub.add_parser(
+        "compare",
+        help="compare diagnosis runs side by side",
+        description="Print runs side by side and write comparison.png.",
+    )
+    c.add_argument("dirs", nargs="+", metavar="DIR", help="directories written by diagnose")
+    c.add_argument("--output", default="comparison.png", help="figure path")
     return parser
+
+
+def _error(message: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"jaxstab: error: {message}", file=sys.stderr)
+    return code
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    return {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "grad_clip": args.grad_clip,
+        "seed": args.seed,
+        "explosion_norm": args.explosion_norm,
+    }
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Imported here so that --help and --version stay fast.
+    from jaxstab import diagnose as diag
+    from jaxstab.report.thresholds import Thresholds
+
+    suffix = "diagnosis" if args.command == "diagnose" else "train"
+    out = args.output_dir or os.path.join("runs", f"{args.model}-{suffix}")
+    if args.steps_per_call is not None and args.steps_per_call < 1:
+        return _error("--steps-per-call must be a positive integer")
+    try:
+        job = diag.prepare(args.model, args.data, out, _overrides(args))
+    except KeyError as e:
+        return _error(e.args[0] if e.args else str(e))
+    except (OSError, ValueError, TypeError) as e:
+        return _error(f"{type(e).__name__}: {e}")
+    common = {
+        "guard": not args.no_guard,
+        "steps_per_call": args.steps_per_call,
+        "progress": not args.no_progress,
+    }
+    if args.command == "diagnose":
+        th = Thresholds(
+            total_warning=args.warn_norm,
+            total_danger=args.danger_norm,
+            group_warning=args.group_warn_norm,
+            group_danger=args.group_danger_norm,
+            explosion=float(job.config["explosion_norm"] or float("inf")),
+        )
+        report = diag.diagnose(job, thresholds=th, **common)
+        return 0 if report["status"] == "ok" else 3
+    summary = diag.train(job, resume=args.resume, **common)
+    return 0 if summary["status"] == "ok" else 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return 0
+    if args.command == "compare":
+        from jaxstab.report.compare import compare
+
+        try:
+            compare(args.dirs, args.output)
+        except (OSError, ValueError) as e:
+            return _error(str(e))
+        return 0
+    return _run(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,327 @@
+"""The ``jaxstab diagnose`` and ``jaxstab train`` runs behind the command line.
+
+:func:`prepare` resolves the model, loads and validates the data and checks the output
+directory, all before anything is written. :func:`diagnose` then trains with every step
+recorded, builds the report in a temporary directory next to the output directory and moves
+it into place only when every file is complete.
+
+Example:
+  >>> import tempfile, os
+  >>> from jaxstab import registry
+  >>> job = prepare("cfmvc", None, os.path.join(tempfile.mkdtemp(), "run"),
+  ...               {"epochs": 1, "batch_size": 128})
+  >>> job.config["epochs"], job.entry.name
+  (1, 'cfmvc')
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from rich.console import Console
+
+import jaxstab
+from jaxstab import registry
+from jaxstab.registry import Dataset, ModelEntry
+from jaxstab.report import plots, report_json, tables
+from jaxstab.report.thresholds import Thresholds
+from jaxstab.train import FitResult, fit
+
+ARTIFACTS = (
+    "gradient_stats.csv",
+    "input_features.csv",
+    "diagnosis_report.json",
+    "diagnostics.png",
+    "gradient_heatmap.png",
+    "feature_changes.png",
+    "checkpoints",
+)
+RUN_MARKERS = ("diagnosis_report.json", "train_summary.json")
+EVAL_FRACTION, MIN_EVAL_SIZE = 0.1, 50
+
+
+class Job(NamedTuple):
+    """A validated run: model entry, data, merged config and the output directory."""
+
+    entry: ModelEntry
+    dataset: Dataset
+    config: dict[str, Any]
+    output_dir: str
+
+
+def prepare(model: str, data: str | None, output_dir: str, overrides: Mapping[str, Any]) -> Job:
+    """Resolves and validates everything a run needs; writes nothing.
+
+    Raises ``KeyError`` (unknown model), ``FileNotFoundError``/``OSError`` (unreadable data),
+    ``ValueError``/``TypeError`` (data failing validation, bad options, an output directory
+    that holds something other than a jaxstab run).
+    """
+    entry = registry.get(model)
+    config: dict[str, Any] = dict(entry.default_config)
+    config.update({k: v for k, v in overrides.items() if v is not None})
+    config.setdefault("seed", 0)
+    config.setdefault("explosion_norm", 100.0)
+    config["model"], config["data"] = model, data
+    for name in ("epochs", "batch_size"):
+        if name not in config or int(config[name]) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
+    if float(config.get("lr", 1e-3)) <= 0:
+        raise ValueError("--lr must be positive")
+    out = os.path.abspath(output_dir)
+    if os.path.exists(out) and (
+        not os.path.isdir(out)
+        or (os.listdir(out) and not any(os.path.exists(os.path.join(out, m)) for m in RUN_MARKERS))
+    ):
+        raise ValueError(f"output directory {out} exists and is not a jaxstab run")
+    if data is not None:
+        if not os.path.exists(data):
+            raise FileNotFoundError(f"data file not found: {data}")
+        if not os.access(data, os.R_OK):
+            raise PermissionError(f"data file not readable: {data}")
+        dataset = entry.load_data(data)
+    else:
+        dataset = entry.default_data(int(config["seed"]))
+    if not isinstance(dataset, Dataset) or len(dataset) == 0:
+        raise ValueError(f"model {model!r} returned no training data")
+    return Job(entry, dataset, config, out)
+
+
+def optimizer(entry: ModelEntry, config: Mapping[str, Any], *, guard: bool):
+    """The inner optimizer wrapped in ``stability_guard`` (or only ``log_norms``).
+
+    >>> from jaxstab import registry
+    >>> tx = optimizer(registry.get("cfmvc"), {"lr": 1e-3, "grad_clip": 1.0}, guard=True)
+    >>> callable(tx.update)
+    True
+    """
+    if entry.optimizer is not None:
+        inner = entry.optimizer(config)
+    else:
+        inner = optax.adamw(float(config["lr"]), weight_decay=float(config.get("weight_decay", 0)))
+    if not guard:  # plain optimizer; log_norms only records, it never changes an update
+        return optax.chain(jaxstab.log_norms(), inner)
+    clip = config.get("grad_clip")
+    return jaxstab.stability_guard(inner, clip=float(clip) if clip else None)
+
+
+def split_eval(dataset: Dataset, seed: int) -> tuple[dict, dict | None]:
+    """Holds out 10 % of the examples for evaluation when there are at least 50."""
+    n = len(dataset)
+    arrays = {k: np.asarray(v) for k, v in dataset.arrays.items()}
+    if n < MIN_EVAL_SIZE:
+        return arrays, None
+    order = np.random.default_rng(seed).permutation(n)
+    n_eval = max(1, math.floor(EVAL_FRACTION * n))
+    ev, tr = np.sort(order[:n_eval]), np.sort(order[n_eval:])
+    return {k: v[tr] for k, v in arrays.items()}, {k: v[ev] for k, v in arrays.items()}
+
+
+def _flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    flat = jax.tree_util.tree_flatten_with_path(pure)[0]
+    return {
+        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(v)
+        for path, v in flat
+    }
+
+
+def _train(
+    job: Job,
+    *,
+    guard: bool,
+    record: bool,
+    checkpoint_dir: str,
+    progress: bool,
+    steps_per_call: int | None,
+    resume: bool = False,
+    model: nnx.Module | None = None,
+) -> FitResult:
+    cfg = job.config
+    if model is None:
+        model = job.entry.build_model(job.dataset, cfg, nnx.Rngs(int(cfg["seed"])))
+    train_data, eval_data = split_eval(job.dataset, int(cfg["seed"]))
+    result = fit(
+        model,
+        optimizer(job.entry, cfg, guard=guard),
+        job.entry.loss_fn,
+        train_data,
+        batch_size=int(cfg["batch_size"]),
+        epochs=int(cfg["epochs"]),
+        key=jax.random.key(int(cfg["seed"])),
+        steps_per_call=steps_per_call,
+        eval_data=eval_data,
+        checkpoint_dir=checkpoint_dir,
+        resume=resume,
+        explosion_norm=float(cfg["explosion_norm"]) if cfg["explosion_norm"] else None,
+        record=record,
+        progress=progress,
+        batch_stats_fn=job.entry.feature_stats if record else None,
+    )
+    return result
+
+
+def _move_into_place(tmp: str, out: str) -> None:
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.rename(out, os.path.join(old, "run"))
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_artifacts(
+    directory: str,
+    result: FitResult,
+    *,
+    config: Mapping[str, Any],
+    thresholds: Thresholds,
+    params_before: Mapping[str, np.ndarray],
+) -> dict[str, Any]:
+    """Writes the CSV, JSON and PNG files of a recorded run into ``directory``."""
+    h = result.history
+    spe = result.steps_per_epoch
+    lr = np.full(tables.n_steps(h), float(config.get("lr", np.nan)))
+    grad = tables.gradient_table(h, steps_per_epoch=spe, lr=lr)
+    feats = tables.feature_table(h, steps_per_epoch=spe)
+    tables.write_csv(os.path.join(directory, "gradient_stats.csv"), grad)
+    tables.write_csv(os.path.join(directory, "input_features.csv"), feats)
+    skip = {"loss", "grad/global_norm"}
+    aux = {k: v for k, v in h.items() if "/" not in k and k not in skip}
+    aux = {"loss": h["loss"], **aux}
+    suspicious = [i for i, s in enumerate(feats["suspicious_features"]) if s]
+    report = report_json.build_report(
+        grad,
+        status=result.status,
+        thresholds=thresholds,
+        config=config,
+        weight_change_rows=report_json.weight_changes(params_before, _flat_params(result.model)),
+        aux=aux,
+        extra={
+            "steps_applied": result.steps,
+            "epochs_completed": result.epochs,
+            "steps_per_epoch": spe,
+            "epoch_history": result.epoch_history,
+            "best_metric": result.best_metric,
+            "first_suspicious_feature_step": suspicious[0] if suspicious else None,
+            "artifacts": list(ARTIFACTS),
+        },
+    )
+    report_json.write_report(os.path.join(directory, "diagnosis_report.json"), report)
+    plots.plot_diagnostics(grad, thresholds, os.path.join(directory, "diagnostics.png"))
+    plots.plot_heatmap(grad, os.path.join(directory, "gradient_heatmap.png"))
+    plots.plot_features(feats, os.path.join(directory, "feature_changes.png"))
+    return report
+
+
+def diagnose(
+    job: Job,
+    *,
+    guard: bool = True,
+    thresholds: Thresholds | None = None,
+    steps_per_call: int | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Trains with every step recorded and writes the report files; returns the report."""
+    console = console or Console()
+    thresholds = thresholds or Thresholds(explosion=float(job.config["explosion_norm"] or 100))
+    config = {**job.config, "guard": guard}
+    parent = os.path.dirname(job.output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(job.output_dir)}.tmp-", dir=parent)
+    try:
+        model = job.entry.build_model(job.dataset, config, nnx.Rngs(int(config["seed"])))
+        before = _flat_params(model)
+        result = _train(
+            job._replace(config=config),
+            model=model,
+            guard=guard,
+            record=True,
+            checkpoint_dir=os.path.join(tmp, "checkpoints"),
+            progress=progress,
+            steps_per_call=steps_per_call,
+        )
+        report = write_artifacts(
+            tmp, result, config=config, thresholds=thresholds, params_before=before
+        )
+        _move_into_place(tmp, job.output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _print_outcome(console, report, job.output_dir)
+    return report
+
+
+def _print_outcome(console: Console, report: Mapping[str, Any], out: str) -> None:
+    status = report["status"]
+    summary = report["summary"]
+    if status != "ok":
+        groups = [g["group"] for g in report["offending_groups"][:5]]
+        last = report["steps_recorded"] - 1
+        console.print(f"[bold red]Step {last}: {status} detected[/] — stopped early.")
+        console.print(f"  offending groups: {groups}")
+        console.print(f"  total grad norm: {summary['max_total_grad_norm']}")
+    else:
+        console.print(f"[green]Finished {report['steps_recorded']} steps without explosion.[/]")
+    if report["first_anomaly_step"] is not None:
+        console.print(f"  first anomaly (danger level) at step {report['first_anomaly_step']}")
+    console.print(
+        f"  final loss {summary['final_loss']}, clipped steps {summary['clipped_steps']}, "
+        f"skipped steps {summary['skipped_steps']}"
+    )
+    console.print(f"Report written to {out}/")
+
+
+def train(
+    job: Job,
+    *,
+    guard: bool = True,
+    steps_per_call: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Trains without per-step recording; keeps orbax checkpoints and ``train_summary.json``."""
+    console = console or Console()
+    config = {**job.config, "guard": guard}
+    os.makedirs(job.output_dir, exist_ok=True)
+    result = _train(
+        job._replace(config=config),
+        guard=guard,
+        record=False,
+        checkpoint_dir=os.path.join(job.output_dir, "checkpoints"),
+        progress=progress,
+        steps_per_call=steps_per_call,
+        resume=resume,
+    )
+    summary = report_json.jsonable(
+        {
+            "status": result.status,
+            "steps": result.steps,
+            "epochs_completed": result.epochs,
+            "epoch_history": result.epoch_history,
+            "best_metric": result.best_metric,
+            "final_loss": result.history["loss"][-1]
+            if len(result.history.get("loss", []))
+            else None,
+            "config": config,
+        }
+    )
+    tmp = os.path.join(job.output_dir, ".train_summary.json.tmp")
+    report_json.write_report(tmp, summary)
+    os.replace(tmp, os.path.join(job.output_dir, "train_summary.json"))
+    console.print(
+        f"{result.status}: {result.steps} steps, {result.epochs} epochs, "
+        f"best metric {result.best_metric:.4g}; checkpoints in {job.output_dir}/checkpoints"
+    )
+    return summary
