@@ -62,10 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         "diagnostics.png, gradient_heatmap.png, feature_changes.png and checkpoints/.",
     )
     d.add_argument("--output-dir", help="report directory (default: runs/<model>-diagnosis)")
-    d.add_argument("--warn-norm", type=float, default=5.0, help="total-norm warning level")
-    d.add_argument("--danger-norm", type=float, default=10.0, help="total-norm danger level")
-    d.add_argument("--group-warn-norm", type=float, default=3.0, help="group-norm warning")
-    d.add_argument("--group-danger-norm", type=float, default=10.0, help="group-norm danger")
+    th = "(default: the model's 'thresholds' config, else %s)"
+    d.add_argument("--warn-norm", type=float, help="total-norm warning level " + th % 5)
+    d.add_argument("--danger-norm", type=float, help="total-norm danger level " + th % 10)
+    d.add_argument("--group-warn-norm", type=float, help="group-norm warning " + th % 3)
+    d.add_argument("--group-danger-norm", type=float, help="group-norm danger " + th % 10)
 
     t = sub.add_parser(
         "train",
@@ -123,11 +124,14 @@ def _run(args: argparse.Namespace) -> int:
         "progress": not args.no_progress,
     }
     if args.command == "diagnose":
-        th = Thresholds(
-            total_warning=args.warn_norm,
-            total_danger=args.danger_norm,
-            group_warning=args.group_warn_norm,
-            group_danger=args.group_danger_norm,
+        flags = {
+            "total_warning": args.warn_norm,
+            "total_danger": args.danger_norm,
+            "group_warning": args.group_warn_norm,
+            "group_danger": args.group_danger_norm,
+        }
+        th = Thresholds(**dict(job.config.get("thresholds") or {}))._replace(
+            **{k: v for k, v in flags.items() if v is not None},
             explosion=float(job.config["explosion_norm"] or float("inf")),
         )
         report = diag.diagnose(job, thresholds=th, **common)

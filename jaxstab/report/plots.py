@@ -22,6 +22,7 @@ import matplotlib
 import numpy as np
 
 # Figures are built without pyplot: no global backend state and no display needed.
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from jaxstab.report.thresholds import Thresholds
@@ -122,15 +123,18 @@ def plot_heatmap(table: Mapping[str, np.ndarray], path: str | os.PathLike) -> No
         with np.errstate(divide="ignore", invalid="ignore"):
             logn = np.log10(np.where(np.isfinite(norms) & (norms > 0), norms, np.nan))
         cmap = matplotlib.colormaps["inferno"].copy()
-        cmap.set_bad("magenta")
-        masked = np.ma.masked_invalid(logn)
-        im = ax.imshow(masked, aspect="auto", cmap=cmap, interpolation="nearest")
+        cmap.set_bad("lightgrey")  # zero gradient: a group that receives none
+        im = ax.imshow(
+            np.ma.masked_invalid(logn), aspect="auto", cmap=cmap, interpolation="nearest"
+        )
+        bad = np.ma.masked_where(np.isfinite(norms), np.ones_like(norms))
+        ax.imshow(bad, aspect="auto", cmap=ListedColormap(["magenta"]), interpolation="nearest")
         ax.set_yticks(range(len(cols)), [c.split(":", 1)[1] for c in cols], fontsize=8)
         fig.colorbar(im, ax=ax, label="log10 gradient norm")
     else:
         ax.text(0.5, 0.5, "no per-group norms recorded", ha="center", va="center")
     ax.set_xlabel("step")
-    ax.set_title("Gradient norm per group (magenta: NaN/Inf or zero)")
+    ax.set_title("Gradient norm per group (magenta: NaN/Inf, grey: zero)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 

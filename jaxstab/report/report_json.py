@@ -61,7 +61,10 @@ def jsonable(obj: Any) -> Any:
 
 
 def weight_changes(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray]) -> list:
-    """Per parameter, ``‖after − before‖ / ‖before‖``, ranked from the largest change.
+    """Per parameter, ``‖after − before‖ / max(‖before‖, 1e-3·√size)``, largest first.
+
+    The floor (an RMS of 1e-3) keeps zero-initialised parameters such as biases from
+    dividing by zero; NaN changes (a poisoned parameter) rank first.
 
     >>> w = weight_changes({"a": np.ones(4), "b": np.ones(4)},
     ...                    {"a": np.ones(4) * 2, "b": np.ones(4)})
@@ -73,16 +76,16 @@ def weight_changes(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndar
         b = np.asarray(b, np.float64)
         a = np.asarray(after[name], np.float64)
         nb, delta = float(np.linalg.norm(b)), float(np.linalg.norm(a - b))
+        floor = 1e-3 * math.sqrt(max(b.size, 1))
         rows.append(
             {
                 "param": name,
                 "norm_before": nb,
                 "norm_after": float(np.linalg.norm(a)),
                 "abs_change": delta,
-                "relative_change": delta / nb if nb > 0 else (0.0 if delta == 0 else math.inf),
+                "relative_change": delta / max(nb, floor),
             }
         )
-    # NaN changes (a poisoned parameter) first, then by size.
     rows.sort(
         key=lambda r: (
             not math.isnan(r["relative_change"]),

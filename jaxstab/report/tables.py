@@ -70,37 +70,38 @@ def gradient_table(
     return table
 
 
-def suspicious_features(values: Mapping[str, np.ndarray], *, z_limit: float = 10.0) -> list[str]:
+def suspicious_features(values: Mapping[str, np.ndarray], *, z_limit: float = 6.0) -> list[str]:
     """Per step, the ``;``-joined names of features that are non-finite or outliers.
 
-    An outlier lies more than ``z_limit`` robust standard deviations (1.4826·MAD, floored at
-    1 % of the median's magnitude so that near-constant features do not flag rounding) from
-    the feature's median over the run.
+    With the feature's quantiles over the run, an outlier lies outside
+    ``[q25 − z·w, q75 + z·w]`` where ``w = max(q75 − q25, (q95 − q5) / 2, 1e-6 + 1e-3·|median|)``
+    and ``z = z_limit``: a rare spike or a jump far beyond the run's usual spread is flagged,
+    the ordinary batch-to-batch variation (even of a feature that takes few values) is not.
 
     >>> import numpy as np
-    >>> suspicious_features({"a": np.array([1.0, 1.1, 0.9, 1.0, 50.0]),
-    ...                      "b": np.array([0.0, 0.0, np.inf, 0.0, 0.0])})
-    ['', '', 'b', '', 'a']
+    >>> v = np.r_[np.linspace(0.9, 1.1, 20), 50.0]
+    >>> b = np.r_[np.zeros(10), np.inf, np.zeros(10)]
+    >>> [i for i, s in enumerate(suspicious_features({"a": v, "b": b}, z_limit=6)) if s]
+    [10, 20]
     """
     n = len(next(iter(values.values()))) if values else 0
     flags: list[list[str]] = [[] for _ in range(n)]
     for name, raw in values.items():
         v = np.asarray(raw, dtype=np.float64)
         finite = np.isfinite(v)
+        bad = ~finite
         if finite.any():
-            med = np.median(v[finite])
-            mad = np.median(np.abs(v[finite] - med))
-            scale = max(1.4826 * mad, 0.01 * abs(med), 1e-12)
-            bad = ~finite | (np.abs(v - med) > z_limit * scale)
-        else:
-            bad = ~finite
+            q5, q25, q50, q75, q95 = np.percentile(v[finite], [5, 25, 50, 75, 95])
+            w = max(q75 - q25, (q95 - q5) / 2, 1e-6 + 1e-3 * abs(q50))
+            with np.errstate(invalid="ignore"):
+                bad |= (v < q25 - z_limit * w) | (v > q75 + z_limit * w)
         for i in np.nonzero(bad)[0]:
             flags[i].append(name)
     return [";".join(f) for f in flags]
 
 
 def feature_table(
-    history: Mapping[str, np.ndarray], *, steps_per_epoch: int, z_limit: float = 10.0
+    history: Mapping[str, np.ndarray], *, steps_per_epoch: int, z_limit: float = 6.0
 ) -> dict[str, np.ndarray | list[str]]:
     """The ``input_features.csv`` columns: step, epoch, every feature, suspicious_features.
 
