@@ -36,13 +36,12 @@ TRANSFORMS = (
 SUITES = (
     "clip_by_global_norm",
     "guard_zclip_skip",
-    "guard_autoclip_zero",
-    "group_clip_loss_scale",
     "skip_bad_steps",
+    "zero_autoclip_group_scale",
 )
-# skip_bad_steps runs under GSPMD inside guard_zclip_skip.
-JIT_SUITES = SUITES[:-1]
-EXPLICIT = ("guard_zclip_skip", "guard_autoclip_zero", "group_clip_loss_scale")
+# Under GSPMD and explicit sharding: chains that together contain every transform.
+JIT_SUITES = ("clip_by_global_norm", "guard_zclip_skip", "zero_autoclip_group_scale")
+EXPLICIT = ("guard_zclip_skip", "zero_autoclip_group_scale")
 BAD_SHARD = ("skip_bad_steps", "stability_guard")
 
 # Two subprocesses: shard_map checks, and GSPMD/explicit-sharding checks.
