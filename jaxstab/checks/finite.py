@@ -115,7 +115,17 @@ def wait_checks() -> None:
 
 
 class GuardedStep:
-    """A jitted, chexified training step; see `guard_step`."""
+    """A jitted, chexified training step; see `guard_step`.
+
+    Call it like the step itself; it must be the outermost transformation (chexify
+    refuses traced arguments, so do not call it inside ``jit``/``scan``).
+
+    >>> import jax.numpy as jnp
+    >>> step = guard_step(lambda x: x / 2.0)
+    >>> step(jnp.ones(2)).tolist()
+    [0.5, 0.5]
+    >>> step.wait_checks()
+    """
 
     def __init__(
         self,
@@ -157,7 +167,17 @@ class GuardedStep:
         return self._fn(*args, **kwargs)
 
     def wait_checks(self) -> None:
-        """Blocks until this step's pending checks have run; raises the first failure."""
+        """Blocks until this step's pending checks have run; raises the first failure.
+
+        >>> import jax.numpy as jnp
+        >>> step = guard_step(lambda x: jnp.log(x))
+        >>> _ = step(jnp.array([0.0]))
+        >>> try:
+        ...     step.wait_checks()
+        ... except AssertionError:
+        ...     print("log(0) caught")
+        log(0) caught
+        """
         self._fn.wait_checks()
 
 

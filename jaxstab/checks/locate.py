@@ -168,6 +168,8 @@ def locate_nonfinite(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> NonFi
     ``jnp.where`` masks it away, since such values still poison gradients. Pass
     ``jax.grad(loss)`` (or ``nnx.grad``) as ``fn`` to find values born in the backward pass.
 
+    Every leaf of ``args``/``kwargs`` is traced, as under ``jax.jit``: bind static
+    arguments (Python numbers used in ``if``, strings, ...) with ``functools.partial``.
     Returns ``None`` when every intermediate value is finite. Raises ``ValueError`` if an
     input is already non-finite. Loops written with ``lax.scan`` are unrolled while
     tracing; ``lax.while_loop``/``lax.cond`` bodies are checked equation by equation.
