@@ -55,3 +55,48 @@ def make_grads(params):
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def transform_cases() -> dict:
+    """One configured instance factory per transform (names used as test ids)."""
+    import optax
+
+    import jaxstab
+
+    return {
+        "log_norms": lambda: jaxstab.log_norms(group_depth=None, history=4),
+        "zero_nonfinite": lambda: jaxstab.zero_nonfinite(),
+        "clip_by_global_norm": lambda: jaxstab.clip_by_global_norm(1.0),
+        "clip_by_group_norm": lambda: jaxstab.clip_by_group_norm(1.0),
+        "zclip": lambda: jaxstab.zclip(warmup_steps=2),
+        "autoclip": lambda: jaxstab.autoclip(history=16),
+        "skip_bad_steps": lambda: jaxstab.skip_bad_steps(
+            optax.adam(1e-3), spike_z=3.0, max_consecutive=5, window=8, min_window=2
+        ),
+        "dynamic_loss_scale": lambda: jaxstab.dynamic_loss_scale(inner=optax.adam(1e-3)),
+        "stability_guard": lambda: jaxstab.stability_guard(optax.adam(1e-3), history=4),
+        "guard_autoclip_noskip": lambda: jaxstab.stability_guard(
+            optax.sgd(0.1), adaptive="autoclip", skip=False, group_depth=None
+        ),
+    }
+
+
+@pytest.fixture(scope="session")
+def nan_grads(make_grads) -> dict:
+    g = make_grads(7)
+    g["head"]["kernel"] = g["head"]["kernel"].at[0, 0].set(jnp.nan)
+    return g
+
+
+def assert_same_layout_impl(a, b) -> None:
+    import chex
+
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    chex.assert_trees_all_equal_shapes_and_dtypes(a, b)
+
+
+@pytest.fixture(scope="session")
+def same_layout():
+    """Asserts identical tree structure, shapes and dtypes."""
+    return assert_same_layout_impl

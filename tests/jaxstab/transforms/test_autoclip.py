@@ -50,6 +50,7 @@ def test_nan_step_not_in_history():
     for g in (1.0, 2.0):
         _, state = tx.update({"w": jnp.array([g])}, state)
     out, after = tx.update({"w": jnp.array([jnp.nan])}, state)
+    assert np.isnan(float(out["w"][0]))  # passed through, left to skip_bad_steps
     np.testing.assert_array_equal(after.norms, state.norms)
     assert int(after.count) == int(state.count) == 2
     assert not bool(after.clipped)
