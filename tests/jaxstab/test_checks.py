@@ -143,7 +143,7 @@ def test_guard_step_error_surfaces_at_a_later_call_without_waiting():
     x_good = jnp.array([[1.0, 0.5], [0.2, 3.0]])
     x_bad = jnp.array([[0.0, 0.0], [0.2, 3.0]])
     jax.block_until_ready(guarded(w, state, x_bad))
-    for _ in range(500):
+    for _ in range(1000):
         try:
             guarded(w, state, x_good)
         except AssertionError as e:
@@ -367,3 +367,28 @@ def test_wait_checks_raises_pending_failures_of_every_guarded_step():
     with pytest.raises(AssertionError, match="flat index 1"):
         wait_checks()
     wait_checks()  # nothing pending any more
+
+
+class _LogEncoder(nnx.Module):
+    def __call__(self, x):
+        return jnp.log(x)
+
+
+class _Net(nnx.Module):
+    def __init__(self):
+        self.encoder = _LogEncoder()
+        self.decoder = nnx.Sequential(_LogEncoder())
+
+    def __call__(self, x):
+        return self.decoder(self.encoder(x) + 10.0)
+
+
+def test_locate_module_path_of_a_direct_submodule_and_inside_sequential():
+    net = _Net()
+    line = _line_of(_LogEncoder.__call__, "jnp.log")
+    report = locate_nonfinite(lambda m, x: m(x), net, jnp.array([2.0, -1.0]))
+    assert (report.primitive, report.module_path, report.line) == ("log", "encoder", line)
+    # log(e^-15) + 10 = -5: the encoder is finite, the log inside the Sequential is not.
+    report = locate_nonfinite(lambda m, x: m(x), net, jnp.array([2.0, jnp.exp(-15.0)]))
+    assert (report.primitive, report.module_path) == ("log", "decoder/layers/0")
+    assert report.input_ranges == ((pytest.approx(-5.0), pytest.approx(10.0 + np.log(2.0))),)
