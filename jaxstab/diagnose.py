@@ -95,22 +95,46 @@ def prepare(model: str, data: str | None, output_dir: str, overrides: Mapping[st
     return Job(entry, dataset, config, out)
 
 
+# Config keys the optimizer never reads; left out of the cache key below.
+_LOOP_KEYS = frozenset({"epochs", "batch_size", "seed", "data", "model", "explosion_norm"})
+_OPTIMIZERS: dict[tuple, optax.GradientTransformation] = {}
+
+
 def optimizer(entry: ModelEntry, config: Mapping[str, Any], *, guard: bool):
     """The inner optimizer wrapped in ``stability_guard`` (or only ``log_norms``).
 
+    The same transformation object is returned for the same model and optimizer settings, so
+    repeated runs in one process (seeds, a resumed run) reuse ``fit``'s compiled step.
+
     >>> from jaxstab import registry
-    >>> tx = optimizer(registry.get("cfmvc"), {"lr": 1e-3, "grad_clip": 1.0}, guard=True)
-    >>> callable(tx.update)
+    >>> cfg = {"lr": 1e-3, "grad_clip": 1.0}
+    >>> tx = optimizer(registry.get("cfmvc"), cfg, guard=True)
+    >>> tx is optimizer(registry.get("cfmvc"), {**cfg, "epochs": 3}, guard=True)
     True
     """
+    try:
+        key = (
+            id(entry),
+            guard,
+            tuple(sorted((k, v) for k, v in config.items() if k not in _LOOP_KEYS)),
+        )
+        hash(key)
+    except TypeError:  # an unhashable config value: build afresh
+        key = None
+    if key is not None and key in _OPTIMIZERS:
+        return _OPTIMIZERS[key]
     if entry.optimizer is not None:
         inner = entry.optimizer(config)
     else:
         inner = optax.adamw(float(config["lr"]), weight_decay=float(config.get("weight_decay", 0)))
     if not guard:  # plain optimizer; log_norms only records, it never changes an update
-        return optax.chain(jaxstab.log_norms(), inner)
-    clip = config.get("grad_clip")
-    return jaxstab.stability_guard(inner, clip=float(clip) if clip else None)
+        tx = optax.chain(jaxstab.log_norms(), inner)
+    else:
+        clip = config.get("grad_clip")
+        tx = jaxstab.stability_guard(inner, clip=float(clip) if clip else None)
+    if key is not None:
+        _OPTIMIZERS[key] = tx
+    return tx
 
 
 def split_eval(dataset: Dataset, seed: int) -> tuple[dict, dict | None]:

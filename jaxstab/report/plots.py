@@ -123,7 +123,7 @@ def plot_heatmap(table: Mapping[str, np.ndarray], path: str | os.PathLike) -> No
         with np.errstate(divide="ignore", invalid="ignore"):
             logn = np.log10(np.where(np.isfinite(norms) & (norms > 0), norms, np.nan))
         cmap = matplotlib.colormaps["inferno"].copy()
-        cmap.set_bad("lightgrey")  # zero gradient: a group that receives none
+        cmap = cmap.with_extremes(bad="lightgrey")  # zero gradient: a group with none
         im = ax.imshow(
             np.ma.masked_invalid(logn), aspect="auto", cmap=cmap, interpolation="nearest"
         )
