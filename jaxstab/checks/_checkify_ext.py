@@ -110,8 +110,11 @@ def _first_bad(outs: list[Any]) -> tuple[jax.Array, jax.Array]:
         index = jnp.argmax(bad)
         value = flat[index]
         if jnp.issubdtype(flat.dtype, jnp.complexfloating):
-            value = jnp.where(jnp.isnan(value.real), value.real, value.imag + value.real)
-        kind = jnp.where(jnp.isnan(value), 0, jnp.where(value > 0, 1, 2))
+            is_nan = jnp.isnan(value.real) | jnp.isnan(value.imag)
+            positive = (value.real > 0) | (value.imag > 0)
+        else:
+            is_nan, positive = jnp.isnan(value), value > 0
+        kind = jnp.where(is_nan, 0, jnp.where(positive, 1, 2))
         here = jnp.any(bad)
         candidate = jnp.stack([jnp.int32(number), index.astype(jnp.int32), kind.astype(jnp.int32)])
         where = jnp.where(found, where, candidate)
