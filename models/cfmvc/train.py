@@ -136,7 +136,7 @@ def check_gradient_flow(
     model: CFMVC, batch: Mapping[str, jax.Array], stage: StageConfig, key: jax.Array
 ) -> jaxstab.GradientFlowReport:
     """Gradient of the stage loss on ``batch``, reported per top-level group."""
-    grads = nnx.grad(lambda m: stage.loss_fn(m, batch, key)[0])(model)
+    grads = nnx.jit(nnx.grad(lambda m: stage.loss_fn(m, batch, key)[0]))(model)
     return jaxstab.gradient_flow_report(grads, lambda group: group in stage.trainable)
 
 
