@@ -320,3 +320,31 @@ def test_train_command_checkpoints_and_resumes(tmp_path):
     ref_summary = json.loads((ref / "train_summary.json").read_text())
     assert ref_summary["final_loss"] == two["final_loss"]
     assert ref_summary["epoch_history"] == two["epoch_history"]
+
+
+@pytest.mark.slow  # ~2 min of XLA compilation on 2 cores; the toy-model tests cover the CLI
+def test_cfmvc_end_to_end(tmp_path):
+    out = tmp_path / "cfmvc"
+    args = [
+        "diagnose",
+        "--model",
+        "cfmvc",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "256",
+        "--no-progress",
+        "--output-dir",
+        str(out),
+    ]
+    assert main(args) == 0
+    report = json.loads((out / "diagnosis_report.json").read_text())
+    assert report["status"] == "ok" and report["config"]["model"] == "cfmvc"
+    assert {"loss", "nll", "kl"} <= set(report["loss_terms"])
+    rows = _rows(out / "gradient_stats.csv")
+    assert len(rows) == report["steps_recorded"] > 0
+    assert {"grad_norm:encoder", "grad_norm:decoder"} <= set(rows[0])
+    feats = _rows(out / "input_features.csv")
+    assert {"library_mean", "x_col0_max", "suspicious_features"} <= set(feats[0])
+    for name in PNGS:
+        assert float(matplotlib.image.imread(out / name)[..., :3].var()) > 0

@@ -1,0 +1,122 @@
+"""One entry point for the benchmark suites.
+
+``python -m benchmarks.run --suite {numerics,parity,speed,overhead,stability}`` runs the
+suite's ``run(write=False)``, then writes ``benchmarks/results/<suite>-<device>.json`` and a
+markdown table next to it (``.md``), where ``<device>`` is JAX's default platform (``cpu``,
+``gpu``, ``tpu``). Suite modules are imported only when asked for.
+
+Example:
+  >>> sorted(SUITES)
+  ['numerics', 'overhead', 'parity', 'speed', 'stability']
+  >>> print(generic_markdown("demo", {"a": {"x": 1.5, "y": "ok"}}))
+  # demo
+  <BLANKLINE>
+  | key | value |
+  |---|---|
+  | a.x | 1.5 |
+  | a.y | ok |
+  <BLANKLINE>
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# suite -> (module, function name); bench_models serves two suites.
+SUITES: dict[str, tuple[str, str]] = {
+    "numerics": ("benchmarks.bench_numerics", "run"),
+    "overhead": ("benchmarks.bench_overhead", "run"),
+    "parity": ("benchmarks.bench_models", "parity"),
+    "speed": ("benchmarks.bench_models", "speed"),
+    "stability": ("benchmarks.stability", "run"),
+}
+
+
+def _flatten(prefix: str, obj: Any, rows: list[tuple[str, str]]) -> None:
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, rows)
+    else:
+        rows.append((prefix, f"{obj:.4g}" if isinstance(obj, float) else str(obj)))
+
+
+def generic_markdown(title: str, result: Mapping[str, Any]) -> str:
+    """A two-column markdown table of every leaf of ``result`` (dotted keys)."""
+    rows: list[tuple[str, str]] = []
+    _flatten("", result, rows)
+    lines = [f"# {title}", "", "| key | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _resolve(suite: str) -> tuple[Callable[..., dict], Callable[[dict], str] | None]:
+    module_name, fn_name = SUITES[suite]
+    module = importlib.import_module(module_name)
+    # bench_models may expose run_parity / run_speed, or run(suite=...).
+    for name in (fn_name, f"run_{suite}"):
+        fn = getattr(module, name, None)
+        if callable(fn):
+            break
+    else:
+        run = module.run
+
+        def fn(**kwargs: Any) -> dict:
+            return run(suite=suite, **kwargs)
+
+    md = getattr(module, f"{suite}_markdown", None) or getattr(module, "to_markdown", None)
+    return fn, md
+
+
+def device_name() -> str:
+    """JAX's default platform: ``cpu``, ``gpu`` or ``tpu``."""
+    import jax
+
+    return jax.devices()[0].platform
+
+
+def run_suite(suite: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:
+    """Runs one suite and writes its JSON and markdown; returns both paths."""
+    fn, to_md = _resolve(suite)
+    kwargs = {"write": False} if "write" in inspect.signature(fn).parameters else {}
+    result = fn(**kwargs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{suite}-{device_name()}"
+    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+    tmp = stem.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(json_path)
+    md_path.write_text(to_md(result) if to_md else generic_markdown(suite, result))
+    return json_path, md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    parser.add_argument(
+        "--suite",
+        required=True,
+        choices=sorted(SUITES),
+        action="append",
+        help="suite to run (repeat for several)",
+    )
+    args = parser.parse_args(argv)
+    for suite in args.suite:
+        try:
+            json_path, md_path = run_suite(suite)
+        except ImportError as e:
+            print(f"benchmarks: suite {suite!r} is not available: {e}", file=sys.stderr)
+            return 2
+        print(f"{suite}: wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
