@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import inspect
 import json
@@ -67,10 +68,7 @@ def _resolve(suite: str) -> tuple[Callable[..., dict], Callable[[dict], str] | N
         if callable(fn):
             break
     else:
-        run = module.run
-
-        def fn(**kwargs: Any) -> dict:
-            return run(suite=suite, **kwargs)
+        fn = functools.partial(module.run, suite=suite)
 
     md = getattr(module, f"{suite}_markdown", None) or getattr(module, "to_markdown", None)
     return fn, md
@@ -86,7 +84,8 @@ def device_name() -> str:
 def run_suite(suite: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:
     """Runs one suite and writes its JSON and markdown; returns both paths."""
     fn, to_md = _resolve(suite)
-    kwargs = {"write": False} if "write" in inspect.signature(fn).parameters else {}
+    params = inspect.signature(fn).parameters
+    kwargs = {"write": False} if "write" in params else {}
     result = fn(**kwargs)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{suite}-{device_name()}"
