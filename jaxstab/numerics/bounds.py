@@ -80,12 +80,25 @@ def bounded_positive_inverse(
 
 
 @jax.custom_jvp
+def _st_clip(x: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
+    return jnp.clip(x, low, high)
+
+
+@_st_clip.defjvp
+def _st_clip_jvp(primals, tangents):
+    x, low, high = primals
+    out = _st_clip(x, low, high)
+    return out, jnp.broadcast_to(tangents[0], out.shape).astype(out.dtype)
+
+
+@jax.custom_jvp
 def _algebraic_sigmoid(z: jax.Array) -> jax.Array:
     # z / sqrt(1 + z^2); beyond |z| = cap the value is ±1 to working precision and the true
-    # derivative (< cap^-3) underflows, so capping keeps z^2 from overflowing.
+    # derivative (< cap^-3) underflows, so capping keeps z^2 from overflowing. rsqrt may round
+    # the magnitude past 1, hence the final clip (its slope is supplied by the jvp below).
     cap = jnp.sqrt(jnp.finfo(z.dtype).max) / 4
     zc = jnp.clip(z, -cap, cap)
-    return zc * jax.lax.rsqrt(1 + zc * zc)
+    return jnp.clip(zc * jax.lax.rsqrt(1 + zc * zc), -1, 1)
 
 
 @_algebraic_sigmoid.defjvp
@@ -95,7 +108,7 @@ def _algebraic_sigmoid_jvp(primals, tangents):
     zc = jnp.clip(z, -cap, cap)
     r = jax.lax.rsqrt(1 + zc * zc)
     # (1 + z^2)^(-3/2) directly; autodiff of z * rsqrt(1 + z^2) cancels to 0 for large z.
-    return zc * r, r * r * r * z_dot
+    return _algebraic_sigmoid(z), r * r * r * z_dot
 
 
 def soft_clip(
@@ -120,19 +133,9 @@ def soft_clip(
     dtype, (x, low, high) = promote(x, low, high)
     centre = 0.5 * (low + high)
     half = 0.5 * (high - low)
-    return (centre + half * _algebraic_sigmoid((x - centre) / half)).astype(dtype)
-
-
-@jax.custom_jvp
-def _st_clip(x: jax.Array, low: jax.Array, high: jax.Array) -> jax.Array:
-    return jnp.clip(x, low, high)
-
-
-@_st_clip.defjvp
-def _st_clip_jvp(primals, tangents):
-    x, low, high = primals
-    out = _st_clip(x, low, high)
-    return out, jnp.broadcast_to(tangents[0], out.shape).astype(out.dtype)
+    out = centre + half * _algebraic_sigmoid((x - centre) / half)
+    # Rounding of centre ± half can land an ulp outside; clip the value, keep the slope.
+    return _st_clip(out, low, high).astype(dtype)
 
 
 def straight_through_clip(
