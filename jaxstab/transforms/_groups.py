@@ -117,78 +117,93 @@ class TreeStats(NamedTuple):
     size: jax.Array
 
 
-def _leaf_reduce(x: jax.Array, scale: jax.Array | None = None) -> tuple[jax.Array, ...]:
-    # Sum of squares, max-abs and the NaN/Inf/zero counts of one leaf. The sum of squares
-    # is a plain ``jnp.sum`` (the same reduction optax uses, hence bit-identical norms on
-    # finite input); the other four are one variadic reduction. XLA fuses both into a
-    # single pass over the leaf. Hand-written: optax/chex offer no such fused statistics.
+def _fast_leaf(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    # The per-step path: three plain reductions that XLA vectorizes well on CPU (compare
+    # and select ops inside a reduction do not; see benchmarks/bench_overhead.py). Valid
+    # when the leaf is finite: a NaN/Inf makes ``sumsq`` non-finite, which sends the
+    # whole tree to ``_exact_leaf``. ``sumsq`` is the same ``jnp.sum`` optax uses, hence
+    # bit-identical norms. The non-zero count is a float32 sum of ``|sign(x)|``: exact up
+    # to 2**24 entries per leaf.
+    xf = x.astype(_acc_dtype(x.dtype))
+    return jnp.sum(jnp.square(xf)), jnp.max(jnp.abs(xf), initial=0), jnp.sum(jnp.abs(jnp.sign(xf)))
+
+
+def _exact_leaf(x: jax.Array) -> tuple[jax.Array, ...]:
+    # The bad-step path (only run when some leaf is non-finite or overflowed): the norm
+    # and max-abs of the finite entries, NaN/Inf/zero counts, and a sum of squares scaled
+    # by the max-abs so that it cannot overflow. Hand-written: optax/chex offer no such
+    # fused statistics.
     acc = _acc_dtype(x.dtype)
     xf = x.astype(acc)
-    finite = jnp.isfinite(xf)
-    xa = jnp.where(finite, jnp.abs(xf), 0)
-    xs = xa if scale is None else xa / scale
-    sumsq = jnp.sum(xs * xs)
-    flat = (
-        xa.reshape(-1),
-        jnp.isnan(xf).astype(jnp.int32).reshape(-1),
-        jnp.isinf(xf).astype(jnp.int32).reshape(-1),
-        (xf == 0).astype(jnp.int32).reshape(-1),
-    )
-    zero_i = jnp.zeros((), jnp.int32)
-    inits = (jnp.zeros((), acc), zero_i, zero_i, zero_i)
-
-    def combine(a: tuple, b: tuple) -> tuple:
-        return (jnp.maximum(a[0], b[0]), a[1] + b[1], a[2] + b[2], a[3] + b[3])
-
-    return (sumsq, *lax.reduce(flat, inits, combine, (0,)))
+    xa = jnp.where(jnp.isfinite(xf), jnp.abs(xf), 0)
+    max_abs = jnp.max(xa, initial=0)
+    plain = jnp.sum(xa * xa)
+    scale = jnp.where(jnp.isinf(plain) & (max_abs > 0), max_abs, jnp.ones_like(max_abs))
+    xs = xa / scale
+    sumsq = jnp.where(jnp.isinf(plain), jnp.sum(xs * xs), plain)
+    count = lambda b: jnp.sum(b.astype(jnp.int32))
+    return scale, sumsq, max_abs, count(jnp.isnan(xf)), count(jnp.isinf(xf)), count(xf == 0)
 
 
-def tree_stats(tree: Any, axis_name: str | None = None) -> TreeStats:
-    """Fused per-leaf statistics of ``tree``; reduced over ``axis_name`` when given.
+def tree_stats(tree: Any, axis_name: str | None = None, *, full: bool = True) -> TreeStats:
+    """Per-leaf statistics of ``tree``; reduced over ``axis_name`` when given.
+
+    On a finite step this costs three vectorized reductions per leaf; only when a leaf
+    holds a NaN/Inf (or its float32 sum of squares overflows) does a ``lax.cond`` take
+    the slower exact path (masked norms, NaN/Inf counts, rescaled sums of squares).
 
     Under ``shard_map``/``pmap`` each replica holds a slice of every leaf: sums and counts
-    are ``psum``-med and maxima ``pmax``-ed, so every replica sees identical statistics.
+    are ``psum``-med and maxima ``pmax``-ed, so every replica sees identical statistics
+    and takes the same branch.
+
+    With ``full=False`` a finite step computes only the sums of squares (one reduction
+    per leaf, what a norm needs); ``max_abs`` and ``zeros`` are then only valid on the
+    exact path, so read only the norms and the NaN/Inf counts from such a result.
 
     >>> import jax.numpy as jnp
     >>> s = tree_stats({"a": jnp.array([3.0, 4.0, jnp.nan]), "b": jnp.zeros(2)})
     >>> s.sumsq.tolist(), s.nan.tolist(), s.zeros.tolist()
     ([25.0, 0.0], [1, 0], [0, 2])
     """
-    leaves = jax.tree_util.tree_leaves(tree)
+    leaves = [jnp.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
     if not leaves:
         z = jnp.zeros((0,), jnp.float32)
         zi = jnp.zeros((0,), jnp.int32)
         return TreeStats(z, z, z, zi, zi, zi, zi)
-    acc = jnp.result_type(*[_acc_dtype(jnp.asarray(x).dtype) for x in leaves])
-    parts = [_leaf_reduce(jnp.asarray(x)) for x in leaves]
-    sumsq = jnp.stack([p[0].astype(acc) for p in parts])
-    max_abs = jnp.stack([p[1].astype(acc) for p in parts])
-    counts = jnp.stack([jnp.stack(p[2:]) for p in parts])  # [L, 3]
-    size = jnp.array([jnp.size(x) for x in leaves], jnp.int32)
+    acc = jnp.result_type(*[_acc_dtype(x.dtype) for x in leaves])
+    size = jnp.array([x.size for x in leaves], jnp.int32)
+    if full:
+        fast = [_fast_leaf(x) for x in leaves]
+    else:
+        fast = [(jnp.sum(jnp.square(x.astype(_acc_dtype(x.dtype)))), 0, 0) for x in leaves]
+    sumsq = jnp.stack([jnp.asarray(f[0]).astype(acc) for f in fast])
+    max_abs = jnp.stack([jnp.asarray(f[1]).astype(acc) for f in fast])
+    nonzero = jnp.stack([jnp.asarray(f[2]).astype(acc) for f in fast])
     if axis_name is not None:
+        sumsq, nonzero, size = lax.psum((sumsq, nonzero, size), axis_name)
         max_abs = lax.pmax(max_abs, axis_name)
-        counts, size = lax.psum((counts, size), axis_name)
 
-    if axis_name is not None:
-        sumsq = lax.psum(sumsq, axis_name)
+    def fast_path(_: Any) -> TreeStats:
+        zeros = size - jnp.round(nonzero).astype(jnp.int32)
+        none = jnp.zeros_like(size)
+        return TreeStats(jnp.ones_like(sumsq), sumsq, max_abs, none, none, zeros, size)
 
-    def rescaled(_: Any) -> tuple[jax.Array, jax.Array]:
-        # Rare path: a finite gradient overflowed the float32 sum of squares. Recompute
-        # every leaf scaled by its (global) max-abs; the norm is then scale * sqrt(sumsq).
-        scale = jnp.where(max_abs > 0, max_abs, jnp.ones_like(max_abs))
-        ss = jnp.stack(
-            [_leaf_reduce(jnp.asarray(x), scale[i])[0].astype(acc) for i, x in enumerate(leaves)]
-        )
+    def exact_path(_: Any) -> TreeStats:
+        ex = [_exact_leaf(x) for x in leaves]
+        col = lambda i, dt: jnp.stack([e[i].astype(dt) for e in ex])
+        scale, ssq, mx = col(0, acc), col(1, acc), col(2, acc)
+        counts = jnp.stack([col(3, jnp.int32), col(4, jnp.int32), col(5, jnp.int32)])
         if axis_name is not None:
-            ss = lax.psum(ss, axis_name)
-        return scale, ss
+            # Every replica rescales by the same (global) per-leaf scale before summing.
+            gscale = lax.pmax(scale, axis_name)
+            ssq = lax.psum(ssq * (scale / gscale) ** 2, axis_name)
+            scale = gscale
+            mx = lax.pmax(mx, axis_name)
+            counts = lax.psum(counts, axis_name)
+        return TreeStats(scale, ssq, mx, counts[0], counts[1], counts[2], size)
 
-    def plain(_: Any) -> tuple[jax.Array, jax.Array]:
-        return jnp.ones_like(max_abs), sumsq
-
-    # ``sumsq`` is identical on every replica here, so all take the same branch.
-    scale, sumsq = lax.cond(jnp.any(jnp.isinf(sumsq)), rescaled, plain, None)
-    return TreeStats(scale, sumsq, max_abs, counts[:, 0], counts[:, 1], counts[:, 2], size)
+    # ``sumsq`` is reduced over the axis already, so every replica takes the same branch.
+    return lax.cond(jnp.all(jnp.isfinite(sumsq)), fast_path, exact_path, None)
 
 
 def combined_norm(stats: TreeStats, index: Sequence[int] | None = None) -> jax.Array:

@@ -103,7 +103,7 @@ def autoclip(
         updates: Any, state: AutoClipState, params: Any = None
     ) -> tuple[Any, AutoClipState]:
         del params
-        ts = _groups.tree_stats(updates, axis_name)
+        ts = _groups.tree_stats(updates, axis_name, full=False)
         g = _groups.global_norm(ts).astype(jnp.float32)
         finite = _groups.all_finite(ts)
         pos = state.count % history

@@ -78,7 +78,7 @@ def clip_by_global_norm(
         updates: Any, state: ClipByGlobalNormState, params: Any = None
     ) -> tuple[Any, ClipByGlobalNormState]:
         del params, state
-        norm = _groups.global_norm(_groups.tree_stats(updates, axis_name))
+        norm = _groups.global_norm(_groups.tree_stats(updates, axis_name, full=False))
         clip = norm >= max_norm  # optax keeps the update when norm < max_norm
         out = jax.tree.map(lambda x: clip_leaf(x, norm, max_norm, clip), updates)
         scale = jnp.where(clip, max_norm / jnp.where(clip, norm, 1), 1.0)

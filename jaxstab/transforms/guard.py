@@ -32,7 +32,8 @@ def stability_guard(
     or :func:`jaxstab.zero_nonfinite` (``skip=False``), then the adaptive clipper
     (``"zclip"`` or ``"autoclip"``, optional), then :func:`jaxstab.clip_by_global_norm`
     (``clip=None`` disables it), then ``inner``. In the jitted step the shared gradient
-    reductions are computed once.
+    reductions are computed once (without ``spike_z`` the clippers are placed just before
+    the skip wrapper, which gives the same updates and lets XLA share their reductions).
 
     Args:
       inner: the optimizer, e.g. ``optax.adam(1e-3)``.
@@ -55,16 +56,24 @@ def stability_guard(
         raise ValueError(f"adaptive must be one of {_ADAPTIVE}, got {adaptive!r}")
     if spike_z is not None and not skip:
         raise ValueError("spike_z needs skip=True")
-    parts: list[optax.GradientTransformation] = []
+    clippers: list[optax.GradientTransformation] = []
     if adaptive == "zclip":
-        parts.append(zclip(axis_name=axis_name))
+        clippers.append(zclip(axis_name=axis_name))
     elif adaptive == "autoclip":
-        parts.append(autoclip(axis_name=axis_name))
+        clippers.append(autoclip(axis_name=axis_name))
     if clip is not None:
-        parts.append(clip_by_global_norm(clip, axis_name=axis_name))
-    parts.append(inner)
-    body = parts[0] if len(parts) == 1 else optax.chain(*parts)
+        clippers.append(clip_by_global_norm(clip, axis_name=axis_name))
     logger = log_norms(group_depth, history, axis_name=axis_name)
-    if skip:
-        return optax.chain(logger, skip_bad_steps(body, spike_z=spike_z, axis_name=axis_name))
-    return optax.chain(logger, zero_nonfinite(group_depth=group_depth, axis_name=axis_name), body)
+    if not skip:
+        return optax.chain(
+            logger, zero_nonfinite(group_depth=group_depth, axis_name=axis_name), *clippers, inner
+        )
+    if spike_z is None:
+        # Same result as skip(clip -> inner): clipping keeps a NaN gradient non-finite and
+        # the clippers' statistics ignore non-finite steps. Placed outside the skip's
+        # ``lax.cond`` the clippers share the gradient reductions with log_norms/skip
+        # (XLA merges the identical reductions), so the norm is computed once.
+        return optax.chain(logger, *clippers, skip_bad_steps(inner, axis_name=axis_name))
+    # Spike detection must see the raw norm, so the clippers go inside the skip.
+    body = optax.chain(*clippers, inner) if clippers else inner
+    return optax.chain(logger, skip_bad_steps(body, spike_z=spike_z, axis_name=axis_name))

@@ -103,7 +103,7 @@ def log_norms(
         if params is None:
             ratio = jnp.zeros((), jnp.float32)
         else:
-            pnorm = _groups.global_norm(_groups.tree_stats(params, axis_name))
+            pnorm = _groups.global_norm(_groups.tree_stats(params, axis_name, full=False))
             ratio = jnp.where(pnorm > 0, gnorm / jnp.where(pnorm > 0, pnorm, 1), 0)
         stats: dict[str, jax.Array] = {
             "grad/global_norm": gnorm.astype(jnp.float32),

@@ -92,7 +92,7 @@ def dynamic_loss_scale(
     def update_fn(
         updates: Any, state: DynamicLossScaleState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, DynamicLossScaleState]:
-        finite = _groups.all_finite(_groups.tree_stats(updates, axis_name))
+        finite = _groups.all_finite(_groups.tree_stats(updates, axis_name, full=False))
         inv = 1.0 / state.scale
         unscaled = _groups.scale_tree(updates, inv)
         unscaled = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), unscaled)

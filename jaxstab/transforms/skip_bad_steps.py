@@ -61,7 +61,7 @@ def skip_bad_steps(
     A step is bad when ``nonfinite`` and the gradient holds a NaN/Inf, or when
     ``spike_z`` is set and the z-score of the global norm over the last ``window`` good
     norms exceeds it (checked once ``min_window`` good norms are known). Skipping is a
-    selection (``jnp.where``) between the new and the old values, never a multiplication
+    selection (``lax.cond``) between the new and the old values, never a multiplication
     by 0 (``0 * NaN`` is NaN), so no non-finite value reaches the parameters or the
     ``inner`` state. Bad steps never enter the window.
 
@@ -121,7 +121,7 @@ def skip_bad_steps(
     def update_fn(
         updates: Any, state: SkipBadStepsState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, SkipBadStepsState]:
-        ts = _groups.tree_stats(updates, axis_name)
+        ts = _groups.tree_stats(updates, axis_name, full=False)
         g = _groups.global_norm(ts).astype(jnp.float32)
         finite = _groups.all_finite(ts)
 
@@ -139,9 +139,20 @@ def skip_bad_steps(
         if spike_z is not None:
             bad = bad | (ready & finite & (z > spike_z))
 
-        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-        out = jax.tree.map(lambda u: jnp.where(bad, jnp.zeros_like(u), u), new_updates)
-        inner_state = _groups.select_tree(bad, state.inner_state, new_inner)
+        # Selection by ``lax.cond``: on a bad step ``inner`` is not run at all and its
+        # state is returned as is; on a good step nothing is copied or masked. (Under
+        # ``vmap`` the cond becomes a ``select``, still never a multiplication.)
+        def apply(operand: tuple) -> tuple:
+            upd, inner_state = operand
+            return inner.update(upd, inner_state, params, **extra_args)
+
+        def drop(operand: tuple) -> tuple:
+            inner_state = operand[1]
+            shaped = jax.eval_shape(apply, operand)[0]
+            zeros = jax.tree.map(lambda sd: jnp.zeros(sd.shape, sd.dtype), shaped)
+            return zeros, inner_state
+
+        out, inner_state = jax.lax.cond(bad, drop, apply, (updates, state.inner_state))
 
         good_step = ~bad & finite
         norms = jnp.where(good_step, state.norms.at[state.good % window].set(g), state.norms)

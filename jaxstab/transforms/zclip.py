@@ -104,7 +104,7 @@ def zclip(
 
     def update_fn(updates: Any, state: ZClipState, params: Any = None) -> tuple[Any, ZClipState]:
         del params
-        ts = _groups.tree_stats(updates, axis_name)
+        ts = _groups.tree_stats(updates, axis_name, full=False)
         g = _groups.global_norm(ts).astype(jnp.float32)
         finite = _groups.all_finite(ts)
         warm = state.count >= warmup_steps

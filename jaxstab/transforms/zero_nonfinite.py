@@ -60,7 +60,7 @@ def zero_nonfinite(
     ) -> tuple[Any, ZeroNonfiniteState]:
         del params
         groups, members = _groups.group_layout(updates, group_depth)
-        ts = _groups.tree_stats(updates, axis_name)
+        ts = _groups.tree_stats(updates, axis_name, full=False)
         bad = ts.nan + ts.inf
         count = {g: _groups.group_sum(bad, idx) for g, idx in zip(groups, members, strict=True)}
         any_bad = jnp.sum(bad) > 0

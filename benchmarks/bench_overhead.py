@@ -1,0 +1,208 @@
+"""Step-time overhead of ``jaxstab.stability_guard`` over a bare optax optimizer.
+
+Measures a full training step (forward, backward, optimizer update, parameter update) of
+a plain-pytree MLP with ``optax.adam(1e-3)`` against the same step with
+``jaxstab.stability_guard(optax.adam(1e-3))`` (log_norms + skip_bad_steps +
+clip_by_global_norm), both per-step ``jit`` and fused into a ``lax.scan``. The two
+variants are timed alternately (to share any background load) and the median is kept.
+
+Run ``python -m benchmarks.bench_overhead``; it writes
+``benchmarks/results/overhead-<platform>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxstab
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# name -> (hidden widths, batch, per-step repeats, steps per scan, scan repeats)
+CONFIGS: dict[str, tuple[list[int], int, int, int, int]] = {
+    "mlp-1M": ([256, 512, 512, 512, 512, 256], 64, 30, 20, 5),
+    "mlp-50M": ([1024, 3584, 3584, 3584, 3584, 1024], 64, 5, 3, 3),
+}
+
+
+def init_mlp(widths: list[int], seed: int = 0) -> dict[str, dict[str, jax.Array]]:
+    """Plain-pytree MLP parameters: ``layer_i/{kernel,bias}``."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
+        params[f"layer_{i}"] = {
+            "kernel": jnp.asarray(rng.normal(size=(a, b)) / np.sqrt(a), jnp.float32),
+            "bias": jnp.zeros((b,), jnp.float32),
+        }
+    return params
+
+
+def mlp_loss(params: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+    h = x
+    n = len(params)
+    for i in range(n):
+        h = h @ params[f"layer_{i}"]["kernel"] + params[f"layer_{i}"]["bias"]
+        if i < n - 1:
+            h = jax.nn.gelu(h)
+    return jnp.mean((h - y) ** 2)
+
+
+def make_step(tx: optax.GradientTransformation):
+    def step(params, state, x, y):
+        grads = jax.grad(mlp_loss)(params, x, y)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def make_scan(tx: optax.GradientTransformation):
+    step = make_step(tx)
+
+    def run(params, state, xs, ys):
+        def body(carry, batch):
+            p, s = carry
+            return step(p, s, *batch), None
+
+        (params, state), _ = jax.lax.scan(body, (params, state), (xs, ys))
+        return params, state
+
+    return run
+
+
+def _block(tree: Any) -> None:
+    jax.block_until_ready(tree)
+
+
+def _time_variants(name: str, cfg: tuple) -> dict[str, Any]:
+    widths, batch, step_reps, scan_len, scan_reps = cfg
+    params = init_mlp(widths)
+    n_params = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(batch, widths[0])), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(batch, widths[-1])), jnp.float32)
+    xs = jnp.broadcast_to(x, (scan_len, *x.shape))
+    ys = jnp.broadcast_to(y, (scan_len, *y.shape))
+    variants = {
+        "adam": optax.adam(1e-3),
+        "guard(adam)": jaxstab.stability_guard(optax.adam(1e-3)),
+        # Breakdown: the same chain with zero_nonfinite instead of skip_bad_steps.
+        "guard(adam, skip=False)": jaxstab.stability_guard(optax.adam(1e-3), skip=False),
+    }
+    fns, states = {}, {}
+    for label, tx in variants.items():
+        step = jax.jit(make_step(tx), donate_argnums=(0, 1))
+        scan = jax.jit(make_scan(tx), donate_argnums=(0, 1))
+        p = jax.tree.map(jnp.copy, params)
+        s = jax.tree.map(lambda a: jnp.array(a, copy=True), tx.init(p))  # distinct buffers
+        p, s = step(p, s, x, y)  # compile + warm up
+        p, s = scan(p, s, xs, ys)
+        _block((p, s))
+        fns[label] = (step, scan)
+        states[label] = (p, s)
+    times: dict[str, dict[str, list[float]]] = {v: {"step": [], "scan": []} for v in variants}
+    for _ in range(step_reps):
+        for label in variants:
+            p, s = states[label]
+            t0 = time.perf_counter()
+            p, s = fns[label][0](p, s, x, y)
+            _block((p, s))
+            times[label]["step"].append(time.perf_counter() - t0)
+            states[label] = (p, s)
+    for _ in range(scan_reps):
+        for label in variants:
+            p, s = states[label]
+            t0 = time.perf_counter()
+            p, s = fns[label][1](p, s, xs, ys)
+            _block((p, s))
+            times[label]["scan"].append((time.perf_counter() - t0) / scan_len)
+            states[label] = (p, s)
+    out: dict[str, Any] = {"params": n_params, "batch": batch, "scan_length": scan_len}
+    for mode in ("step", "scan"):
+        noskip = statistics.median(times["guard(adam, skip=False)"][mode])
+        bare = statistics.median(times["adam"][mode])
+        guarded = statistics.median(times["guard(adam)"][mode])
+        bare_min, guarded_min = min(times["adam"][mode]), min(times["guard(adam)"][mode])
+        out[mode] = {
+            "adam_ms": 1e3 * bare,
+            "guard_ms": 1e3 * guarded,
+            "overhead_pct": 100.0 * (guarded / bare - 1.0),
+            "adam_min_ms": 1e3 * bare_min,
+            "guard_min_ms": 1e3 * guarded_min,
+            "overhead_min_pct": 100.0 * (guarded_min / bare_min - 1.0),
+            "noskip_ms": 1e3 * noskip,
+            "noskip_overhead_pct": 100.0 * (noskip / bare - 1.0),
+            "repeats": len(times["adam"][mode]),
+        }
+    print(
+        f"{name}: {n_params:,} params | per-step jit {out['step']['adam_ms']:.2f} -> "
+        f"{out['step']['guard_ms']:.2f} ms ({out['step']['overhead_pct']:+.1f}%) | "
+        f"scan {out['scan']['adam_ms']:.2f} -> {out['scan']['guard_ms']:.2f} ms/step "
+        f"({out['scan']['overhead_pct']:+.1f}%)",
+        flush=True,
+    )
+    return out
+
+
+def run(configs: dict[str, tuple] | None = None, write: bool = True) -> dict[str, Any]:
+    """Runs the benchmark; returns (and by default writes) the results."""
+    device = jax.devices()[0]
+    result: dict[str, Any] = {
+        "benchmark": "stability_guard(optax.adam(1e-3)) vs optax.adam(1e-3), full MLP step",
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "optax_version": optax.__version__,
+        "python": platform.python_version(),
+        "statistic": "median (and min) ms per step; the two variants timed alternately",
+        "load_average": os.getloadavg(),
+        "models": {},
+    }
+    for name, cfg in (configs or CONFIGS).items():
+        result["models"][name] = _time_variants(name, cfg)
+    if write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stem = RESULTS / f"overhead-{device.platform}"
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(to_markdown(result))
+    return result
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# stability_guard overhead ({result['platform']})",
+        "",
+        f"Device: {result['device_kind']}, {result['cpu_count']} CPUs, "
+        f"jax {result['jax_version']}, optax {result['optax_version']}. "
+        f"{result['statistic']}.",
+        "",
+        "| model | params | mode | adam (ms/step) | guard(adam) (ms/step) | overhead "
+        "(median) | overhead (min) | guard(adam, skip=False) overhead (median) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in result["models"].items():
+        for mode, label in (("step", "per-step jit"), ("scan", f"scan x{m['scan_length']}")):
+            r = m[mode]
+            lines.append(
+                f"| {name} | {m['params']:,} | {label} | {r['adam_ms']:.2f} | "
+                f"{r['guard_ms']:.2f} | {r['overhead_pct']:+.1f}% | "
+                f"{r['overhead_min_pct']:+.1f}% | {r['noskip_overhead_pct']:+.1f}% |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    run()
