@@ -187,7 +187,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         f"Device: {result['device_kind']}, {result['cpu_count']} CPUs, "
         f"jax {result['jax_version']}, optax {result['optax_version']}. "
-        f"{result['statistic']}.",
+        f"{result['statistic']}. Load average during the run: "
+        f"{', '.join(f'{x:.1f}' for x in result.get('load_average', []))} "
+        "(a shared machine: medians are noisy).",
         "",
         "| model | params | mode | adam (ms/step) | guard(adam) (ms/step) | overhead "
         "(median) | overhead (min) | guard(adam, skip=False) overhead (median) |",
