@@ -7,7 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import betaln, digamma, gammaln
+from jax.scipy.special import gammaln
 
 from jaxstab.numerics._common import check_last_axis, promote
 from jaxstab.numerics.elementary import safe_log
@@ -99,51 +99,86 @@ def gaussian_kl(
 # ---------------------------------------------------------------------------------------------
 
 
+def _softplus_pair(eta: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # (softplus(η), softplus(−η)) from one exp and one log1p, neither cancelling.
+    shared = jnp.log1p(jnp.exp(-jnp.abs(eta)))
+    return jnp.maximum(eta, 0) + shared, jnp.maximum(-eta, 0) + shared
+
+
 @jax.custom_jvp
 def _nb_mean_terms(x: jax.Array, mean: jax.Array, theta: jax.Array) -> jax.Array:
     # θ·log(θ/(θ+μ)) + x·log(μ/(θ+μ)) in logits form η = log μ − log θ:
     #   = −θ·softplus(η) − x·softplus(−η).
     # softplus never forms θ+μ, so θ = 1e-8 and θ = 1e8 keep their digits; log μ is floored
     # at log(tiny), which only matters for x > 0 at μ = 0 (probability exactly 0).
-    eta = safe_log(mean) - jnp.log(theta)
-    return -theta * jax.nn.softplus(eta) - x * jax.nn.softplus(-eta)
+    sp_pos, sp_neg = _softplus_pair(safe_log(mean) - jnp.log(theta))
+    return -theta * sp_pos - x * sp_neg
 
 
 @_nb_mean_terms.defjvp
 def _nb_mean_terms_jvp(primals, tangents):
     x, mean, theta = primals
     x_dot, mean_dot, theta_dot = tangents
-    out = _nb_mean_terms(x, mean, theta)
-    eta = safe_log(mean) - jnp.log(theta)
-    p_theta = jax.nn.sigmoid(-eta)  # θ / (θ + μ)
-    p_mean = jax.nn.sigmoid(eta)  # μ / (θ + μ)
+    sp_pos, sp_neg = _softplus_pair(safe_log(mean) - jnp.log(theta))
+    out = -theta * sp_pos - x * sp_neg
+    p_mean = jnp.exp(-sp_neg)  # μ / (θ + μ) = sigmoid(η)
+    p_theta = jnp.exp(-sp_pos)  # θ / (θ + μ)
     # ∂/∂μ = θ (x − μ) / (μ (θ + μ)) = (x / μ − 1) · θ/(θ+μ); at x = 0 this is −θ/(θ+μ) (−1 at
-    # μ = 0). For x > 0 at μ = 0 the true slope is +inf; it saturates at finfo.max.
+    # μ = 0). For x > 0 at μ = 0 the true slope is +inf; it saturates at finfo.max / 4.
     big = jnp.finfo(mean.dtype).max / 4  # still finite after a cast to bfloat16
     tiny = jnp.finfo(mean.dtype).tiny
     x_over_mean = jnp.minimum(x / jnp.maximum(mean, tiny), big)
     d_mean = (x_over_mean - 1) * p_theta
     # ∂/∂θ = −softplus(η) + μ/(θ+μ) − x/(θ+μ).
-    d_theta = -jax.nn.softplus(eta) + p_mean - x / (theta + mean)
-    d_x = -jax.nn.softplus(-eta)
-    out_dot = d_x * x_dot + d_mean * mean_dot + d_theta * theta_dot
+    d_theta = -sp_pos + p_mean - x / (theta + mean)
+    out_dot = -sp_neg * x_dot + d_mean * mean_dot + d_theta * theta_dot
     return out, jnp.broadcast_to(out_dot, out.shape)
 
 
-_DIRECT_GAMMA_BELOW = 32.0
+_STIRLING_FROM = 32.0
+
+
+def _stirling_correction(z: jax.Array) -> jax.Array:
+    # lgamma(z) − [(z − ½) log z − z + ½ log 2π], asymptotic series; for z ≥ 31 the first
+    # omitted term is below 1e-16 relative.
+    w = 1 / (z * z)
+    return (1 / 12 - w * (1 / 360 - w * (1 / 1260 - w / 1680))) / z
+
+
+def _lgamma_shift(z: jax.Array, d: jax.Array) -> jax.Array:
+    # lgamma(z + d) − lgamma(z) for z ≥ 32, z + d ≥ 31, without subtracting two large numbers:
+    # (z − ½)·log1p(d/z) + d·log(z + d) − d + correction(z + d) − correction(z).
+    return (
+        (z - 0.5) * jnp.log1p(d / z)
+        + d * jnp.log(z + d)
+        - d
+        + (_stirling_correction(z + d) - _stirling_correction(z))
+    )
+
+
+def _gamma_ratio(x: jax.Array, theta: jax.Array) -> jax.Array:
+    # lgamma(x+θ) − lgamma(θ) − lgamma(x+1). With z = max(θ, x+1), "other" the smaller one
+    # and z + d = x + θ, this is [lgamma(z + d) − lgamma(z)] − lgamma(other). The bracket is
+    # a difference of two large, close numbers once z is large (lgamma(1e8) ≈ 1.7e9 has an
+    # ulp of 128 in float32), so for z ≥ 32 it comes from Stirling's series instead.
+    theta_larger = theta >= x + 1
+    z = jnp.where(theta_larger, theta, x + 1)
+    other = jnp.where(theta_larger, x + 1, theta)
+    d = jnp.where(theta_larger, x, theta - 1)
+    large = z >= _STIRLING_FROM
+    direct = gammaln(x + theta) - gammaln(jnp.where(large, 1, z))
+    shifted = _lgamma_shift(jnp.where(large, z, _STIRLING_FROM), jnp.where(large, d, 0))
+    return jnp.where(large, shifted, direct) - gammaln(other)
 
 
 def _nb_count_terms(x: jax.Array, theta: jax.Array) -> jax.Array:
-    # lgamma(x+θ) − lgamma(θ) − lgamma(x+1). For max(θ, x+1) < 32 the direct difference is
-    # accurate; above, it cancels (lgamma(1e8) ≈ 1.7e9 has an ulp of 128 in float32), so use
-    # −log B(θ, x+1) − log(θ+x) with jax's betaln (Stirling-difference form, accurate there).
-    direct = gammaln(x + theta) - gammaln(theta) - gammaln(x + 1)
-    stirling = -betaln(theta, x + 1) - jnp.log(theta + x)
-    terms = jnp.where(jnp.maximum(theta, x + 1) < _DIRECT_GAMMA_BELOW, direct, stirling)
-    # At x = 0 the sum is exactly 0 with slopes ψ(θ) − ψ(1) in x and 0 in θ; writing it as
-    # x·c keeps both exact (the θ-slope of either branch would cancel ±1/θ for tiny θ).
-    at_zero = x * jax.lax.stop_gradient(digamma(theta) - digamma(jnp.ones_like(theta)))
-    return jnp.where(x == 0, at_zero, terms)
+    # At x = 0 the ratio is exactly 0 (lgamma(1) is not exactly 0 in XLA) with slopes
+    # ψ(θ) − ψ(1) in x and exactly 0 in θ (the two ψ(θ) ≈ −1/θ terms would cancel only to
+    # rounding for tiny θ). The θ-stopped copy is the same computation in the forward pass,
+    # so it costs nothing there.
+    at_zero = _gamma_ratio(x, jax.lax.stop_gradient(theta))
+    at_zero = at_zero - jax.lax.stop_gradient(at_zero)
+    return jnp.where(x == 0, at_zero, _gamma_ratio(x, theta))
 
 
 def nb_log_prob(
@@ -152,8 +187,9 @@ def nb_log_prob(
     """Log-pmf of the negative binomial with mean ``mean`` and inverse dispersion ``theta``.
 
     ``log p = lgamma(x+θ) − lgamma(θ) − lgamma(x+1) + θ·log(θ/(θ+μ)) + x·log(μ/(θ+μ))``,
-    equal to ``scipy.stats.nbinom.logpmf(x, n=θ, p=θ/(θ+μ))``. The gamma part is
-    ``−betaln(θ, x+1) − log(θ+x)`` and the rest is written in logits form with ``softplus``
+    equal to ``scipy.stats.nbinom.logpmf(x, n=θ, p=θ/(θ+μ))``. The gamma part switches to a
+    Stirling-series difference once ``max(θ, x+1) ≥ 32`` (where the lgamma difference cancels),
+    and the rest is written in logits form with ``softplus``
     (``η = log μ − log θ``), so ``μ = 0``, ``θ = 1e-8`` and ``θ = 1e8`` stay finite and
     accurate. Gradients are analytic (``custom_jvp``): ``∂/∂μ = θ(x − μ) / (μ(θ+μ))``, which
     is ``−1`` at ``x = 0, μ = 0``. ``x`` is a (float) count; ``μ`` below the smallest normal

@@ -96,19 +96,32 @@ def safe_div(n: jax.typing.ArrayLike, d: jax.typing.ArrayLike) -> jax.Array:
     return jnp.where(zero, at_zero, quotient).astype(dtype)
 
 
+@jax.custom_jvp
+def _sqrt_floor0(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.maximum(x, 0))  # jnp.maximum keeps NaN
+
+
+@_sqrt_floor0.defjvp
+def _sqrt_floor0_jvp(primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    root = _sqrt_floor0(x)
+    positive = root > 0
+    slope = jnp.where(positive, 0.5 / jnp.where(positive, root, 1), 0)
+    return root, slope * x_dot
+
+
 def safe_sqrt(x: jax.typing.ArrayLike) -> jax.Array:
     """Square root with a finite (zero) gradient at 0 and below.
 
-    ``safe_sqrt(x) = sqrt(x)`` for ``x > 0`` and 0 for ``x <= 0``; the gradient is
-    ``1/(2 sqrt(x))`` for ``x > 0`` and 0 otherwise (the minimum-norm subgradient of the
-    non-negative root, through a double-where). Naive ``jnp.sqrt`` has gradient ``inf`` at 0,
-    which turns into NaN as soon as it is multiplied by a zero cotangent.
+    ``safe_sqrt(x) = sqrt(max(x, 0))``; the derivative is ``1/(2 sqrt(x))`` for ``x > 0`` and
+    0 otherwise (the minimum-norm subgradient of the non-negative root; ``custom_jvp`` with the
+    slope itself computed through a double-where, so no ``0 * inf`` appears in either mode).
+    Naive ``jnp.sqrt`` has gradient ``inf`` at 0, which turns into NaN as soon as it is
+    multiplied by a zero cotangent.
 
     >>> import jax
     >>> float(safe_sqrt(0.0)), float(jax.grad(safe_sqrt)(0.0)), float(safe_sqrt(4.0))
     (0.0, 0.0, 2.0)
     """
     dtype, (x,) = promote(x)
-    nonpositive = x <= 0  # False for NaN.
-    root = jnp.sqrt(jnp.where(nonpositive, jnp.ones_like(x), x))
-    return jnp.where(nonpositive, jnp.zeros_like(x), root).astype(dtype)
+    return _sqrt_floor0(x).astype(dtype)

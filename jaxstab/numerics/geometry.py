@@ -27,14 +27,29 @@ def _nonzero_or_one(x: jax.Array) -> jax.Array:
     return jnp.where(x == 0, jnp.ones_like(x), x)
 
 
+_UNROLL_UP_TO = 8
+
+
+def _axis_reduce(op, v: jax.Array, axis: Axis, full) -> jax.Array:
+    # XLA on CPU reduces a short minor axis (xyz coordinates) several times slower than it
+    # combines slices elementwise, so short single axes are unrolled by hand.
+    if isinstance(axis, int) and v.shape[axis] <= _UNROLL_UP_TO:
+        parts = [jax.lax.index_in_dim(v, i, axis, keepdims=True) for i in range(v.shape[axis])]
+        out = parts[0]
+        for part in parts[1:]:
+            out = op(out, part)
+        return out
+    return full(v, axis=axis, keepdims=True)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _norm_keepdims(x: jax.Array, axis: Axis) -> jax.Array:
     # Scale by the largest |x_i| so that neither x_i^2 overflows (|x| ~ 1e20 in float32) nor
     # underflows (|x| ~ 1e-25): the result is finite whenever the true norm is representable.
-    big = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+    big = _axis_reduce(jnp.maximum, jnp.abs(x), axis, jnp.max)
     scale = jnp.where(jnp.isinf(big), jnp.ones_like(big), _nonzero_or_one(big))
     scaled = x * (1 / scale)
-    norm = big * jnp.sqrt(jnp.sum(scaled * scaled, axis=axis, keepdims=True))
+    norm = big * jnp.sqrt(_axis_reduce(jnp.add, scaled * scaled, axis, jnp.sum))
     return jnp.where(jnp.isinf(big), big, norm)
 
 

@@ -1,0 +1,228 @@
+"""Cost of jaxstab.numerics' safe primitives against the naive formulas they replace.
+
+For each elementwise primitive, the jitted safe and naive versions run on the same ~1M
+float32 elements, value only and value + gradient of the sum. After warm-up the two variants
+are timed alternately (so they share any background load) with ``block_until_ready`` and the
+median is kept.
+
+Run ``python -m benchmarks.bench_numerics``; it writes
+``benchmarks/results/numerics-<platform>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxstab.numerics as N
+
+RESULTS = Path(__file__).resolve().parent / "results"
+N_ELEMENTS = 1 << 20
+REPEATS = 15
+
+
+class Case(NamedTuple):
+    """One safe-vs-naive pair: functions of the same arrays, and the arrays' maker."""
+
+    safe: Callable[..., jax.Array]
+    naive: Callable[..., jax.Array]
+    naive_formula: str
+    make_inputs: Callable[[np.random.Generator], tuple[np.ndarray, ...]]
+    argnums: tuple[int, ...] = (0,)
+
+
+def _f32(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    return tuple(a.astype(np.float32) for a in arrays)
+
+
+def _seed_nb(x, mean, theta, eps=1e-8):
+    # Seed 002's eps-and-clamp negative binomial.
+    mean, theta = jnp.maximum(mean, eps), jnp.maximum(theta, eps)
+    return (
+        jax.lax.lgamma(x + theta)
+        - jax.lax.lgamma(theta)
+        - jax.lax.lgamma(x + 1)
+        + theta * (jnp.log(theta + eps) - jnp.log(theta + mean + eps))
+        + x * (jnp.log(mean + eps) - jnp.log(theta + mean + eps))
+    )
+
+
+def _naive_zinb(x, mean, theta, gate, eps=1e-8):
+    pi = jax.nn.sigmoid(gate)
+    nb = _seed_nb(x, mean, theta, eps)
+    nb0 = theta * (jnp.log(theta + eps) - jnp.log(theta + mean + eps))
+    return jnp.where(
+        x < eps, jnp.log(pi + (1 - pi) * jnp.exp(nb0) + eps), jnp.log(1 - pi + eps) + nb
+    )
+
+
+def _counts(rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    mean = rng.lognormal(0.0, 1.5, N_ELEMENTS)
+    theta = rng.lognormal(0.0, 1.0, N_ELEMENTS)
+    x = rng.poisson(mean).astype(np.float64)
+    return _f32(x, mean, theta)
+
+
+CASES: dict[str, Case] = {
+    "safe_log": Case(N.safe_log, jnp.log, "log(x)", lambda r: _f32(r.uniform(0, 10, N_ELEMENTS))),
+    "safe_exp": Case(N.safe_exp, jnp.exp, "exp(x)", lambda r: _f32(r.normal(0, 10, N_ELEMENTS))),
+    "safe_div": Case(
+        N.safe_div,
+        jnp.divide,
+        "n / d",
+        lambda r: _f32(r.normal(size=N_ELEMENTS), r.uniform(0.5, 2, N_ELEMENTS)),
+        (0, 1),
+    ),
+    "safe_sqrt": Case(
+        N.safe_sqrt, jnp.sqrt, "sqrt(x)", lambda r: _f32(r.uniform(0, 10, N_ELEMENTS))
+    ),
+    "safe_norm": Case(
+        N.safe_norm,
+        lambda x: jnp.sqrt(jnp.sum(x * x, axis=-1)),
+        "sqrt(sum(x², -1)) on [N/3, 3]",
+        lambda r: _f32(r.normal(size=(N_ELEMENTS // 3, 3))),
+    ),
+    "bounded_positive": Case(
+        lambda raw: N.bounded_positive(raw, 0.1, 10.0),
+        lambda raw: jnp.exp(jnp.clip(raw, -5.0, 5.0)),
+        "exp(clip(raw, -5, 5)) (seed 000)",
+        lambda r: _f32(r.normal(0, 5, N_ELEMENTS)),
+    ),
+    "soft_clip": Case(
+        lambda x: N.soft_clip(x, -1.0, 1.0),
+        jnp.tanh,
+        "tanh(x) (tanh clip to [-1, 1])",
+        lambda r: _f32(r.normal(0, 3, N_ELEMENTS)),
+    ),
+    "straight_through_clip": Case(
+        lambda x: N.straight_through_clip(x, -1.0, 1.0),
+        lambda x: x + jax.lax.stop_gradient(jnp.clip(x, -1.0, 1.0) - x),
+        "x + stop_gradient(clip(x) - x)",
+        lambda r: _f32(r.normal(0, 3, N_ELEMENTS)),
+    ),
+    "gaussian_kl": Case(
+        N.gaussian_kl,
+        lambda mu, lv: 0.5 * jnp.sum(mu * mu + jnp.exp(lv) - 1 - lv, axis=-1),
+        "0.5 * sum(mu² + exp(v) - 1 - v) on [N/16, 16]",
+        lambda r: _f32(
+            r.normal(size=(N_ELEMENTS // 16, 16)), r.normal(size=(N_ELEMENTS // 16, 16))
+        ),
+        (0, 1),
+    ),
+    "nb_log_prob": Case(
+        N.nb_log_prob, _seed_nb, "lgamma/log with eps and clamps (seed 002)", _counts, (1, 2)
+    ),
+    "zinb_log_prob": Case(
+        N.zinb_log_prob,
+        _naive_zinb,
+        "log(pi + (1 - pi) NB(0) + eps) / log(1 - pi + eps) + NB",
+        lambda r: (*_counts(r), *_f32(r.normal(size=N_ELEMENTS))),
+        (1, 2, 3),
+    ),
+}
+
+
+def _value_and_grad(fn: Callable[..., jax.Array], argnums: tuple[int, ...]):
+    return jax.value_and_grad(lambda *a: jnp.sum(fn(*a)), argnums=argnums)
+
+
+def _median_ms(
+    fns: dict[str, Callable[..., Any]], args: tuple[jax.Array, ...], repeats: int
+) -> dict[str, float]:
+    for fn in fns.values():  # compile and warm up
+        for _ in range(2):
+            jax.block_until_ready(fn(*args))
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[key].append(time.perf_counter() - start)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def time_case(case: Case, repeats: int = REPEATS, seed: int = 0) -> dict[str, Any]:
+    """Median milliseconds of safe vs naive, value only and value + gradient."""
+    args = tuple(jnp.asarray(a) for a in case.make_inputs(np.random.default_rng(seed)))
+    out: dict[str, Any] = {
+        "naive_formula": case.naive_formula,
+        "shapes": [list(a.shape) for a in args],
+    }
+    modes = {
+        "value": (case.safe, case.naive),
+        "value_and_grad": (
+            _value_and_grad(case.safe, case.argnums),
+            _value_and_grad(case.naive, case.argnums),
+        ),
+    }
+    for mode, (safe, naive) in modes.items():
+        ms = _median_ms({"naive": jax.jit(naive), "safe": jax.jit(safe)}, args, repeats)
+        out[mode] = {
+            "naive_ms": ms["naive"],
+            "safe_ms": ms["safe"],
+            "ratio": ms["safe"] / ms["naive"],
+        }
+    return out
+
+
+def run(
+    names: list[str] | None = None, repeats: int = REPEATS, write: bool = True
+) -> dict[str, Any]:
+    """Runs the benchmark; returns (and by default writes) the results."""
+    device = jax.devices()[0]
+    result: dict[str, Any] = {
+        "benchmark": "jaxstab.numerics safe primitives vs naive formulas, jitted, float32",
+        "platform": device.platform,
+        "device_kind": device.device_kind,
+        "cpu_count": os.cpu_count(),
+        "jax_version": jax.__version__,
+        "python": platform.python_version(),
+        "n_elements": N_ELEMENTS,
+        "repeats": repeats,
+        "statistic": "median ms per call after warm-up; safe and naive timed alternately",
+        "cases": {},
+    }
+    for name in names or list(CASES):
+        result["cases"][name] = time_case(CASES[name], repeats)
+    if write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stem = RESULTS / f"numerics-{device.platform}"
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(to_markdown(result))
+    return result
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The results as a markdown table."""
+    lines = [
+        f"# jaxstab.numerics: safe vs naive ({result['platform']})",
+        "",
+        f"Device: {result['device_kind']}, {result['cpu_count']} CPUs, jax "
+        f"{result['jax_version']}. {result['n_elements']:,} float32 elements per call; "
+        f"{result['statistic']} ({result['repeats']} repeats).",
+        "",
+        "| primitive | naive formula | value: naive ms | safe ms | ratio "
+        "| value+grad: naive ms | safe ms | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, case in result["cases"].items():
+        v, g = case["value"], case["value_and_grad"]
+        lines.append(
+            f"| `{name}` | {case['naive_formula']} | {v['naive_ms']:.2f} | {v['safe_ms']:.2f} "
+            f"| {v['ratio']:.2f}x | {g['naive_ms']:.2f} | {g['safe_ms']:.2f} | {g['ratio']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(to_markdown(run()))
