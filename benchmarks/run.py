@@ -37,7 +37,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "numerics": ("benchmarks.bench_numerics", "run"),
     "overhead": ("benchmarks.bench_overhead", "run"),
     "parity": ("benchmarks.bench_models", "parity"),
-    "speed": ("benchmarks.bench_models", "speed"),
+    "speed": ("benchmarks.bench_models", "run"),
     "stability": ("benchmarks.stability", "run"),
 }
 
@@ -62,13 +62,16 @@ def generic_markdown(title: str, result: Mapping[str, Any]) -> str:
 def _resolve(suite: str) -> tuple[Callable[..., dict], Callable[[dict], str] | None]:
     module_name, fn_name = SUITES[suite]
     module = importlib.import_module(module_name)
-    # bench_models may expose run_parity / run_speed, or run(suite=...).
+    # A module serving several suites may expose run_<suite> or run(suite=...).
     for name in (fn_name, f"run_{suite}"):
         fn = getattr(module, name, None)
         if callable(fn):
             break
     else:
-        fn = functools.partial(module.run, suite=suite)
+        run = getattr(module, "run", None)
+        if run is None or "suite" not in inspect.signature(run).parameters:
+            raise ImportError(f"{module_name} has no {fn_name}() or run_{suite}() for this suite")
+        fn = functools.partial(run, suite=suite)
 
     md = getattr(module, f"{suite}_markdown", None) or getattr(module, "to_markdown", None)
     return fn, md
