@@ -28,7 +28,8 @@ import jaxstab.numerics as N
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N_ELEMENTS = 1 << 20
-REPEATS = 15
+REPEATS = 41  # at most; expensive cases get fewer (see TIME_PER_VARIANT_S), never below 7
+TIME_PER_VARIANT_S = 1.5
 
 
 class Case(NamedTuple):
@@ -139,20 +140,24 @@ def _value_and_grad(fn: Callable[..., jax.Array], argnums: tuple[int, ...]):
 def _median_ms(
     fns: dict[str, Callable[..., Any]], args: tuple[jax.Array, ...], repeats: int
 ) -> dict[str, float]:
+    slowest = 0.0
     for fn in fns.values():  # compile and warm up
         for _ in range(2):
+            start = time.perf_counter()
             jax.block_until_ready(fn(*args))
+            slowest = max(slowest, time.perf_counter() - start)
+    repeats = max(7, min(repeats, int(TIME_PER_VARIANT_S / max(slowest, 1e-6))))
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
             start = time.perf_counter()
             jax.block_until_ready(fn(*args))
             times[key].append(time.perf_counter() - start)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()} | {"repeats": repeats}
 
 
 def time_case(case: Case, repeats: int = REPEATS, seed: int = 0) -> dict[str, Any]:
-    """Median milliseconds of safe vs naive, value only and value + gradient."""
+    """Median milliseconds of safe vs naive, value only and value + gradient (of the sum)."""
     args = tuple(jnp.asarray(a) for a in case.make_inputs(np.random.default_rng(seed)))
     out: dict[str, Any] = {
         "naive_formula": case.naive_formula,
@@ -171,6 +176,7 @@ def time_case(case: Case, repeats: int = REPEATS, seed: int = 0) -> dict[str, An
             "naive_ms": ms["naive"],
             "safe_ms": ms["safe"],
             "ratio": ms["safe"] / ms["naive"],
+            "repeats": ms["repeats"],
         }
     return out
 
@@ -189,7 +195,11 @@ def run(
         "python": platform.python_version(),
         "n_elements": N_ELEMENTS,
         "repeats": repeats,
-        "statistic": "median ms per call after warm-up; safe and naive timed alternately",
+        "statistic": (
+            "median ms per call after warm-up; safe and naive timed alternately; "
+            f"7 to {repeats} repeats (about {TIME_PER_VARIANT_S} s per variant)"
+        ),
+        "load_average_1min": os.getloadavg()[0],
         "cases": {},
     }
     for name in names or list(CASES):
@@ -209,7 +219,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         f"Device: {result['device_kind']}, {result['cpu_count']} CPUs, jax "
         f"{result['jax_version']}. {result['n_elements']:,} float32 elements per call; "
-        f"{result['statistic']} ({result['repeats']} repeats).",
+        f"{result['statistic']}. 1-minute load average at start: "
+        f"{result['load_average_1min']:.1f} (shared machine).",
         "",
         "| primitive | naive formula | value: naive ms | safe ms | ratio "
         "| value+grad: naive ms | safe ms | ratio |",
