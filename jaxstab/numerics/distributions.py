@@ -73,7 +73,7 @@ def gaussian_kl(
 ) -> jax.Array:
     """``KL(N(mu, e^logvar) ‖ N(0, 1))`` summed over ``axis``.
 
-    ``KL = ½ Σ (mu² + e^v − 1 − v)``, computed as ``Σ [½ mu² + ½ (expm1(v) − v)]``. Each
+    ``KL = ½ Σ (mu² + e^v − 1 − v)``, with ``e^v − 1 − v`` from its Taylor series near 0. Each
     term is capped so that the sum of the ``n`` terms along ``axis`` cannot overflow: ``v`` at
     ``log(max / 4n)`` and ``½ mu²`` at ``max / 4n`` (``max = finfo(dtype).max``). Below the
     caps — in float32, ``logvar`` up to about 85 and ``|mu|`` up to about 1e19 — the value is
