@@ -147,9 +147,20 @@ def skip_bad_steps(
             return inner.update(upd, inner_state, params, **extra_args)
 
         def drop(operand: tuple) -> tuple:
-            inner_state = operand[1]
+            upd, inner_state = operand
             shaped = jax.eval_shape(apply, operand)[0]
-            zeros = jax.tree.map(lambda sd: jnp.zeros(sd.shape, sd.dtype), shaped)
+
+            def zero(x: jax.Array, sd: jax.ShapeDtypeStruct) -> jax.Array:
+                # ``zeros_like`` of the incoming update keeps its sharding (and its
+                # varying manual axes under ``shard_map``), so both branches match.
+                if x.shape == sd.shape and x.dtype == sd.dtype:
+                    return jnp.zeros_like(x)
+                return jnp.zeros(sd.shape, sd.dtype)
+
+            if jax.tree.structure(upd) == jax.tree.structure(shaped):
+                zeros = jax.tree.map(zero, upd, shaped)
+            else:
+                zeros = jax.tree.map(lambda sd: jnp.zeros(sd.shape, sd.dtype), shaped)
             return zeros, inner_state
 
         out, inner_state = jax.lax.cond(bad, drop, apply, (updates, state.inner_state))
