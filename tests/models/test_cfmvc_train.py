@@ -12,7 +12,13 @@ import jaxstab
 from jaxstab import registry
 from models.cfmvc import STAGES, StageConfig, load_anndata, simulate, train_cfmvc, train_stage
 from models.cfmvc.losses import flow_loss
-from models.cfmvc.train import ENTRY, build_model, feature_stats, stage_optimizer
+from models.cfmvc.train import (
+    ENTRY,
+    build_model,
+    check_gradient_flow,
+    feature_stats,
+    stage_optimizer,
+)
 
 CONFIG = {"hidden_vae": 32, "hidden_ctx": 16, "hidden_flow": 32, "n_basis": 4, "dim_int": 8}
 
@@ -26,7 +32,7 @@ def data():
 def trained(data):
     start = build_model(data, CONFIG, nnx.Rngs(params=1, dropout=2))
     out = train_cfmvc(
-        data, stages=("vae", "flow", "joint"), epochs={"vae": 4, "flow": 4, "joint": 1},
+        data, stages=("vae", "flow"), epochs={"vae": 4, "flow": 4},
         batch_size=64, key=jax.random.key(0), model=start,
     )  # fmt: skip
     return start, out
@@ -48,13 +54,12 @@ def test_training_lowers_the_loss(trained):
         assert res.status == "ok"
         losses = res.epoch_history["train_loss"]
         assert losses[-1] < 0.9 * losses[0], (name, losses)
-    assert out.stages["joint"].fit.status == "ok"
 
 
 def test_gradient_flow_reports(trained):
     _, out = trained
     vae, flow = out.stages["vae"].report, out.stages["flow"].report
-    assert vae.ok and flow.ok and out.stages["joint"].report.ok
+    assert vae.ok and flow.ok
     assert vae.norms["flow"] == 0.0 and vae.norms["context_encoder"] == 0.0
     assert flow.norms["encoder"] == 0.0 and flow.norms["decoder"] == 0.0
     assert flow.norms["flow"] > 0.0 and flow.norms["context_encoder"] > 0.0
@@ -64,7 +69,6 @@ def test_each_stage_moves_only_its_groups(trained):
     start, out = trained
     after1 = out.stages["vae"].fit.model
     after2 = out.stages["flow"].fit.model
-    after3 = out.stages["joint"].fit.model
     for g in ("flow", "context_encoder"):
         assert _same(_group(start, g), _group(after1, g))
     for g in ("encoder", "decoder"):
@@ -72,8 +76,14 @@ def test_each_stage_moves_only_its_groups(trained):
         assert _same(_group(after1, g), _group(after2, g))  # stage 2: VAE bit-identical
     for g in ("flow", "context_encoder"):
         assert not _same(_group(after1, g), _group(after2, g))
-    for g in ("encoder", "decoder", "context_encoder", "flow"):
-        assert not _same(_group(after2, g), _group(after3, g))
+
+
+def test_joint_stage_reaches_every_group(trained, data):
+    _, out = trained
+    batch = {k: jnp.asarray(v[:64]) for k, v in data.arrays.items()}
+    report = check_gradient_flow(out.model, batch, STAGES["joint"], jax.random.key(5))
+    assert report.ok
+    assert all(report.norms[g] > 0.0 for g in ("encoder", "decoder", "context_encoder", "flow"))
 
 
 def test_frozen_groups_get_zero_updates_despite_gradient_and_decay():
