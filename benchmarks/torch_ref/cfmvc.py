@@ -14,7 +14,8 @@ Example:
   >>> torch_model = CFMVCModel(20, 2, 3, 4)
   >>> model = CFMVC(20, 2, 3, 4, rngs=nnx.Rngs(0))
   >>> model = torch_state_dict_to_nnx(torch_model.state_dict(), model)
-  >>> bool((model.encoder.fc1.kernel[...] == torch_model.encoder.fc1.weight.T.numpy()).all())
+  >>> weight = torch_model.encoder.fc1.weight.detach().numpy()
+  >>> bool((model.encoder.fc1.kernel[...] == weight.T).all())
   True
 """
 
