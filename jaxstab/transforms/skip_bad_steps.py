@@ -105,16 +105,17 @@ def skip_bad_steps(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: Any) -> SkipBadStepsState:
-        i0 = jnp.zeros((), jnp.int32)
-        b0 = jnp.zeros((), jnp.bool_)
+        # Separate buffers per field, so the state can be donated to a jitted step.
+        i0 = lambda: jnp.zeros((), jnp.int32)
+        b0 = lambda: jnp.zeros((), jnp.bool_)
         return SkipBadStepsState(
             inner.init(params),
             jnp.zeros((window,), jnp.float32),
-            i0,
-            b0,
-            i0,
-            i0,
-            b0,
+            i0(),
+            b0(),
+            i0(),
+            i0(),
+            b0(),
             jnp.zeros((), jnp.float32),
         )
 
