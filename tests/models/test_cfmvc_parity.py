@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import re
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +12,6 @@ import pytest
 import torch
 from flax import nnx
 
-if str(Path(__file__).resolve().parents[2]) not in sys.path:  # benchmarks/ is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.torch_ref import cfmvc as tref
 from jaxstab import numerics
 from models.cfmvc import CFMVC, load_anndata, simulate
