@@ -32,11 +32,11 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-# suite -> (module, function name); bench_models serves two suites.
+# suite -> (module, function name).
 SUITES: dict[str, tuple[str, str]] = {
     "numerics": ("benchmarks.bench_numerics", "run"),
     "overhead": ("benchmarks.bench_overhead", "run"),
-    "parity": ("benchmarks.bench_models", "parity"),
+    "parity": ("benchmarks.parity", "run"),
     "speed": ("benchmarks.bench_models", "run"),
     "stability": ("benchmarks.stability", "run"),
 }

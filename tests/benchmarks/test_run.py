@@ -1,0 +1,45 @@
+"""The benchmark runner and the parity suite (at a small size; the full size is the benchmark)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import parity
+from benchmarks import run as runner
+
+
+@pytest.fixture(scope="module")
+def small_parity() -> dict:
+    return parity._cfmvc(n_cells=12, n_genes=40, seed=1)
+
+
+def test_parity_errors_are_measured_and_small(small_parity):
+    errors = small_parity["max_relative_error"]
+    assert set(errors) >= {"nb_log_likelihood", "vae_gradients", "flow_velocity", "flow_gradients"}
+    assert all(err < 1e-4 for err in errors.values()), errors
+    assert all(small_parity["within_tolerance"].values())
+    assert any(err > 0 for err in errors.values())  # two float32 implementations, not one
+
+
+def test_parity_markdown_flags_a_failure(small_parity):
+    bad = {**small_parity, "within_tolerance": {**small_parity["within_tolerance"], "alpha": False}}
+    md = parity.parity_markdown({"torch": "x", "cfmvc": bad})
+    assert "| alpha |" in md and "| NO |" in md
+    assert md.count("| yes |") == len(bad["within_tolerance"]) - 1
+
+
+def test_run_suite_writes_json_and_markdown(tmp_path, monkeypatch, small_parity):
+    monkeypatch.setattr(parity, "run", lambda: {"torch": "x", "cfmvc": small_parity})
+    json_path, md_path = runner.run_suite("parity", out_dir=tmp_path)
+    assert json_path.name == f"parity-{runner.device_name()}.json"
+    assert json.loads(json_path.read_text())["cfmvc"]["within_tolerance"]["flow_gradients"]
+    assert "| flow_gradients |" in md_path.read_text()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_unknown_suite_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        runner.main(["--suite", "nope"])
+    assert "invalid choice" in capsys.readouterr().err
