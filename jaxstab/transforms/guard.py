@@ -70,8 +70,8 @@ def stability_guard(
         )
     if spike_z is None:
         # Same result as skip(clip -> inner): clipping keeps a NaN gradient non-finite and
-        # the clippers' statistics ignore non-finite steps. Placed outside the skip's
-        # ``lax.cond`` the clippers share the gradient reductions with log_norms/skip
+        # the clippers' statistics ignore non-finite steps. Placed before the skip, the
+        # clippers share the gradient reductions with log_norms/skip
         # (XLA merges the identical reductions), so the norm is computed once.
         return optax.chain(logger, *clippers, skip_bad_steps(inner, axis_name=axis_name))
     # Spike detection must see the raw norm, so the clippers go inside the skip.

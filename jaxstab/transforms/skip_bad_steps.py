@@ -46,6 +46,14 @@ class SkipBadStepsState(NamedTuple):
         }
 
 
+def _select(pred: jax.Array, on_true: jax.Array, on_false: jax.Array) -> jax.Array:
+    on_true, on_false = jnp.asarray(on_true), jnp.asarray(on_false)
+    if jax.dtypes.issubdtype(on_false.dtype, jax.dtypes.prng_key):  # e.g. optax.add_noise
+        data = jnp.where(pred, jax.random.key_data(on_true), jax.random.key_data(on_false))
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(on_false))
+    return jnp.where(pred, on_true, on_false).astype(on_false.dtype)
+
+
 def skip_bad_steps(
     inner: optax.GradientTransformation,
     nonfinite: bool = True,
@@ -61,7 +69,7 @@ def skip_bad_steps(
     A step is bad when ``nonfinite`` and the gradient holds a NaN/Inf, or when
     ``spike_z`` is set and the z-score of the global norm over the last ``window`` good
     norms exceeds it (checked once ``min_window`` good norms are known). Skipping is a
-    selection (``lax.cond``) between the new and the old values, never a multiplication
+    selection (``jnp.where``) between the new and the old values, never a multiplication
     by 0 (``0 * NaN`` is NaN), so no non-finite value reaches the parameters or the
     ``inner`` state. Bad steps never enter the window.
 
@@ -140,31 +148,17 @@ def skip_bad_steps(
         if spike_z is not None:
             bad = bad | (ready & finite & (z > spike_z))
 
-        # Selection by ``lax.cond``: on a bad step ``inner`` is not run at all and its
-        # state is returned as is; on a good step nothing is copied or masked. (Under
-        # ``vmap`` the cond becomes a ``select``, still never a multiplication.)
-        def apply(operand: tuple) -> tuple:
-            upd, inner_state = operand
-            return inner.update(upd, inner_state, params, **extra_args)
-
-        def drop(operand: tuple) -> tuple:
-            upd, inner_state = operand
-            shaped = jax.eval_shape(apply, operand)[0]
-
-            def zero(x: jax.Array, sd: jax.ShapeDtypeStruct) -> jax.Array:
-                # ``zeros_like`` of the incoming update keeps its sharding (and its
-                # varying manual axes under ``shard_map``), so both branches match.
-                if x.shape == sd.shape and x.dtype == sd.dtype:
-                    return jnp.zeros_like(x)
-                return jnp.zeros(sd.shape, sd.dtype)
-
-            if jax.tree.structure(upd) == jax.tree.structure(shaped):
-                zeros = jax.tree.map(zero, upd, shaped)
-            else:
-                zeros = jax.tree.map(lambda sd: jnp.zeros(sd.shape, sd.dtype), shaped)
-            return zeros, inner_state
-
-        out, inner_state = jax.lax.cond(bad, drop, apply, (updates, state.inner_state))
+        # Selection, leaf by leaf: ``inner`` runs on every step and ``jnp.where`` keeps its
+        # old state and emits a zero update when the step is bad. Never ``0 * update``
+        # (0 * NaN is NaN), and no ``lax.cond``: a conditional cannot fuse with the step
+        # around it (on CPU it copied the whole optimizer state, +100 % step time on a 46M
+        # MLP) and on GPU it reads its predicate on the host; the selects fuse into the
+        # inner update's own elementwise loops.
+        new_out, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+        out = jax.tree.map(lambda u: _select(bad, jnp.zeros_like(u), u), new_out)
+        inner_state = jax.tree.map(
+            lambda old, new: _select(bad, old, new), state.inner_state, new_inner
+        )
 
         good_step = ~bad & finite
         norms = jnp.where(good_step, state.norms.at[state.good % window].set(g), state.norms)
