@@ -12,6 +12,7 @@ Run ``python -m benchmarks.bench_numerics``; it writes
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -29,7 +30,8 @@ import jaxstab.numerics as N
 RESULTS = Path(__file__).resolve().parent / "results"
 N_ELEMENTS = 1 << 20
 REPEATS = 41  # at most; expensive cases get fewer (see TIME_PER_VARIANT_S), never below 7
-TIME_PER_VARIANT_S = 1.5
+TIME_PER_VARIANT_S = 3.0
+SAMPLE_S = 0.02
 
 
 class Case(NamedTuple):
@@ -146,16 +148,22 @@ def _median_ms(
             start = time.perf_counter()
             jax.block_until_ready(fn(*args))
             slowest = max(slowest, time.perf_counter() - start)
-    repeats = max(7, min(repeats, int(TIME_PER_VARIANT_S / max(slowest, 1e-6))))
+    # A sample is ``calls`` back-to-back calls lasting at least SAMPLE_S, so that a
+    # sub-millisecond call is not timed against the scheduler's jitter.
+    calls = max(1, math.ceil(SAMPLE_S / max(slowest, 1e-6)))
+    per_sample = calls * slowest
+    repeats = max(7, min(repeats, int(TIME_PER_VARIANT_S / max(per_sample, 1e-6))))
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
             start = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[key].append(time.perf_counter() - start)
+            for _ in range(calls):
+                out = fn(*args)
+            jax.block_until_ready(out)
+            times[key].append((time.perf_counter() - start) / calls)
     medians = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     minima = {f"{k}_min": 1e3 * min(v) for k, v in times.items()}
-    return medians | minima | {"repeats": repeats}
+    return medians | minima | {"repeats": repeats, "calls_per_sample": calls}
 
 
 def time_case(case: Case, repeats: int = REPEATS, seed: int = 0) -> dict[str, Any]:
@@ -201,8 +209,9 @@ def run(
         "n_elements": N_ELEMENTS,
         "repeats": repeats,
         "statistic": (
-            "median ms per call after warm-up; safe and naive timed alternately; "
-            f"7 to {repeats} repeats (about {TIME_PER_VARIANT_S} s per variant)"
+            "median ms per call after warm-up; safe and naive timed alternately; a sample "
+            f"is >= {SAMPLE_S * 1e3:.0f} ms of back-to-back calls; 7 to {repeats} samples "
+            f"(about {TIME_PER_VARIANT_S} s per variant)"
         ),
         "load_average_1min": os.getloadavg()[0],
         "cases": {},
