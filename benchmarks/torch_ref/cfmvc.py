@@ -264,6 +264,18 @@ def torch_state_dict_to_nnx(state_dict: Mapping[str, torch.Tensor], model: nnx.M
     return model
 
 
+def torch_grads_to_nnx(torch_model: nn.Module, model: nnx.Module) -> dict:
+    """The ``.grad`` of every ``torch_model`` parameter (0 where None), mapped onto the NNX
+    parameter paths of ``model`` by :func:`torch_state_dict_to_nnx`: ``{path: Param}``.
+    ``model`` itself is not changed."""
+    grads = {
+        k: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+        for k, p in torch_model.named_parameters()
+    }
+    holder = torch_state_dict_to_nnx(grads, nnx.clone(model))
+    return dict(nnx.to_flat_state(nnx.state(holder, nnx.Param)))
+
+
 def _check_grads(model: nn.Module, step: int) -> list[str]:
     """The seed's per-parameter finiteness scan (one host sync per parameter)."""
     bad = []

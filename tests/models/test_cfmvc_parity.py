@@ -150,16 +150,6 @@ def test_forward_parity(pair):
     assert rel_err(v, v_t.numpy()) < 1e-5
 
 
-def _torch_grads_as_nnx(tm, model):
-    grads = {
-        k: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-        for k, p in tm.named_parameters()
-    }
-    holder = copy.deepcopy(model)
-    tref.torch_state_dict_to_nnx(grads, holder)
-    return dict(nnx.to_flat_state(nnx.state(holder, nnx.Param)))
-
-
 def _assert_grads_close(ours, theirs, groups):
     ours = dict(nnx.to_flat_state(ours))
     checked = 0
@@ -186,7 +176,7 @@ def test_vae_loss_and_gradient_parity(pair):
 
     loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
     assert rel_err(loss, loss_t.detach().numpy()) < 1e-5
-    _assert_grads_close(grads, _torch_grads_as_nnx(tm, model), {"encoder", "decoder"})
+    _assert_grads_close(grads, tref.torch_grads_to_nnx(tm, model), {"encoder", "decoder"})
 
 
 def test_flow_loss_and_gradient_parity(pair):
@@ -201,6 +191,6 @@ def test_flow_loss_and_gradient_parity(pair):
     z0_j, t_j = jnp.asarray(z0), jnp.asarray(t)
     loss, grads = nnx.jit(nnx.value_and_grad(lambda m: flow_terms(m, jb, z0_j, t_j)[0]))(model)
     assert rel_err(loss, loss_t.detach().numpy()) < 1e-5
-    _assert_grads_close(grads, _torch_grads_as_nnx(tm, model), {"context_encoder", "flow"})
+    _assert_grads_close(grads, tref.torch_grads_to_nnx(tm, model), {"context_encoder", "flow"})
     enc_grads = jax.tree.leaves(grads["encoder"])
     assert all(float(jnp.abs(g).max()) == 0.0 for g in enc_grads)
