@@ -11,8 +11,9 @@ A run *survives* when every parameter ends finite and its final evaluation loss 
 means, eval mode, a fixed held-out set) is within 5 % of the same seed's clean run.
 
 Variants: ``jax_none`` (``optax.adamw``), ``jax_guard``
-(``jaxstab.stability_guard(optax.adamw, clip=1.0)``) and ``torch_seed`` (the PyTorch version
-``benchmarks/torch_ref/cfmvc.py`` with the seed's guards: ``clamp`` bounds,
+(``jaxstab.stability_guard(optax.adamw, clip=1.0)``), ``jax_guard_noclip`` (the same with
+``clip=None``: skipping only, which separates the clip's effect) and ``torch_seed`` (the
+PyTorch version ``benchmarks/torch_ref/cfmvc.py`` with the seed's guards: ``clamp`` bounds,
 ``clip_grad_norm_(1.0)`` and the ``isfinite`` check every 10 batches that ends the epoch on a
 non-finite loss). The JAX runs are one jitted ``lax.scan`` per run whose fault schedule is an
 argument, so each variant compiles once.
@@ -44,7 +45,7 @@ MODEL_KW = {"dim_int": 8, "dim_tech": 4, "hidden_vae": 32, "hidden_ctx": 16,
             "hidden_flow": 16, "n_basis": 4, "dropout": 0.0}  # fmt: skip
 FAULTS = ("clean", "nan_batch", "inf_grad", "spike", "lr_burst")
 SPIKE, BURST, BURST_STEPS, TOLERANCE = 1e4, 100.0, 5, 0.05
-VARIANTS = ("jax_none", "jax_guard", "torch_seed")
+VARIANTS = ("jax_none", "jax_guard", "jax_guard_noclip", "torch_seed")
 
 
 def _data(seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
@@ -145,7 +146,12 @@ def run_jax(variant: str) -> dict[str, Any]:
     from models.cfmvc.model import CFMVC
 
     inner = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
-    tx = jaxstab.stability_guard(inner, clip=CLIP) if variant == "jax_guard" else inner
+    txs = {
+        "jax_none": inner,
+        "jax_guard": jaxstab.stability_guard(inner, clip=CLIP),
+        "jax_guard_noclip": jaxstab.stability_guard(inner, clip=None),
+    }
+    tx = txs[variant]
     runner, out = None, {}
     for seed in SEEDS:
         train, held, meta = _data(seed)
@@ -305,7 +311,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{setup['batch']}, {setup['epochs']} epochs, {setup['seeds']} seeds; "
         f"{result['device_kind']}, {result['cpu_count']} CPUs. A run survives when its "
         f"parameters end finite and its final held-out loss is within "
-        f"{100 * setup['tolerance']:.0f} % of the same seed's clean run.",
+        f'{100 * setup["tolerance"]:.0f} % of the same seed\'s clean run; "loss" is the '
+        "median ratio of the final held-out loss to the clean run's.",
         "",
         "| fault | " + " | ".join(variants) + " |",
         "|---|" + "---:|" * len(variants),
@@ -314,7 +321,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         cells = []
         for v in variants:
             r = result["variants"][v][fault]
-            cells.append(f"{100 * r['survived']:.0f} % (finite {100 * r['finite_params']:.0f} %)")
+            ratio = r["median_loss_ratio"]
+            loss = "—" if ratio is None else f"{ratio:.2f}×"
+            cells.append(f"{100 * r['survived']:.0f} % (finite {100 * r['finite_params']:.0f} %, "
+                         f"loss {loss})")  # fmt: skip
         lines.append(f"| {fault} | " + " | ".join(cells) + " |")
     lines += [
         "",
