@@ -43,3 +43,13 @@ def test_unknown_suite_is_refused(capsys):
     with pytest.raises(SystemExit):
         runner.main(["--suite", "nope"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["run", "parity", "bench_numerics", "stability"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"benchmarks.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
