@@ -46,14 +46,6 @@ class SkipBadStepsState(NamedTuple):
         }
 
 
-def _select(pred: jax.Array, on_true: jax.Array, on_false: jax.Array) -> jax.Array:
-    on_true, on_false = jnp.asarray(on_true), jnp.asarray(on_false)
-    if jax.dtypes.issubdtype(on_false.dtype, jax.dtypes.prng_key):  # e.g. optax.add_noise
-        data = jnp.where(pred, jax.random.key_data(on_true), jax.random.key_data(on_false))
-        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(on_false))
-    return jnp.where(pred, on_true, on_false).astype(on_false.dtype)
-
-
 def skip_bad_steps(
     inner: optax.GradientTransformation,
     nonfinite: bool = True,
@@ -155,9 +147,9 @@ def skip_bad_steps(
         # MLP) and on GPU it reads its predicate on the host; the selects fuse into the
         # inner update's own elementwise loops.
         new_out, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-        out = jax.tree.map(lambda u: _select(bad, jnp.zeros_like(u), u), new_out)
+        out = jax.tree.map(lambda u: jnp.where(bad, jnp.zeros_like(u), u), new_out)
         inner_state = jax.tree.map(
-            lambda old, new: _select(bad, old, new), state.inner_state, new_inner
+            lambda old, new: jnp.where(bad, old, new), state.inner_state, new_inner
         )
 
         good_step = ~bad & finite

@@ -39,6 +39,46 @@ def test_nonfinite_step_keeps_adam_state_bit_identical(params, make_grads):
     assert int(jaxstab.read_stats(after)["skip/consecutive"]) == 0
 
 
+def _noisy_sgd() -> optax.GradientTransformation:
+    """SGD plus noise drawn from a typed PRNG key kept in the state (split every step)."""
+
+    def init(params):
+        return {"key": jax.random.key(0), "count": jnp.zeros((), jnp.int32)}
+
+    def update(updates, state, params=None):
+        key, sub = jax.random.split(state["key"])
+        leaves, treedef = jax.tree.flatten(updates)
+        noise = [
+            jax.random.normal(k, x.shape)
+            for k, x in zip(jax.random.split(sub, len(leaves)), leaves, strict=True)
+        ]
+        out = jax.tree.unflatten(
+            treedef, [-0.1 * (g + 1e-3 * n) for g, n in zip(leaves, noise, strict=True)]
+        )
+        return out, {"key": key, "count": state["count"] + 1}
+
+    return optax.GradientTransformation(init, update)
+
+
+def test_typed_prng_key_in_the_inner_state_is_kept_or_advanced(params, make_grads):
+    tx = jaxstab.skip_bad_steps(_noisy_sgd())
+    step = jax.jit(tx.update)
+    state = tx.init(params)
+    _, good = step(make_grads(1), state, params)
+    assert not np.array_equal(
+        jax.random.key_data(good.inner_state["key"]), jax.random.key_data(state.inner_state["key"])
+    )
+    bad = make_grads(2)
+    bad["head"]["kernel"] = bad["head"]["kernel"].at[0, 0].set(jnp.inf)
+    _, skipped = step(bad, good, params)
+    assert jax.dtypes.issubdtype(skipped.inner_state["key"].dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(
+        jax.random.key_data(skipped.inner_state["key"]),
+        jax.random.key_data(good.inner_state["key"]),
+    )
+    assert int(skipped.inner_state["count"]) == 1 and bool(skipped.skipped)
+
+
 def test_inf_in_inner_output_never_escapes(params, make_grads):
     # An Inf gradient makes adam's output NaN (inf/inf); the emitted update is still zero.
     tx = jaxstab.skip_bad_steps(optax.adam(1e-3))
