@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("jax_scan", "jax_scan_unguarded", "jax_step", "torch_eager", "torch_compile")
 CFMVC = {"n_cells": 10_000, "n_genes": 2000, "n_perturbations": 10, "batch_size": 64}
@@ -172,10 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(_cfmvc_variant(args.variant, args.epochs)), flush=True)
         return
     result = run(args.model, args.epochs)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"models-{'cpu' if 'CPU' in result['device'] else 'gpu'}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(to_markdown(result))
+    from benchmarks.run import write_results
+
+    write_results("models", result, to_markdown(result))
     print(to_markdown(result))
 
 

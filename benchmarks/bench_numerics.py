@@ -11,14 +11,12 @@ Run ``python -m benchmarks.bench_numerics``; it writes
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -27,7 +25,6 @@ import numpy as np
 
 import jaxstab.numerics as N
 
-RESULTS = Path(__file__).resolve().parent / "results"
 N_ELEMENTS = 1 << 20
 REPEATS = 41  # at most; expensive cases get fewer (see TIME_PER_VARIANT_S), never below 7
 TIME_PER_VARIANT_S = 3.0
@@ -227,10 +224,9 @@ def run(
     for name in names or list(CASES):
         result["cases"][name] = time_case(CASES[name], repeats)
     if write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        stem = RESULTS / f"numerics-{device.platform}"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(to_markdown(result))
+        from benchmarks.run import write_results
+
+        write_results("numerics", result, to_markdown(result))
     return result
 
 

@@ -13,12 +13,10 @@ Run ``python -m benchmarks.bench_overhead``; it writes
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,8 +25,6 @@ import numpy as np
 import optax
 
 import jaxstab
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # name -> (hidden widths, batch, per-step repeats, steps per scan, scan repeats)
 CONFIGS: dict[str, tuple[list[int], int, int, int, int]] = {
@@ -181,10 +177,9 @@ def run(configs: dict[str, tuple] | None = None, write: bool = True) -> dict[str
     for name, cfg in (configs or CONFIGS).items():
         result["models"][name] = _time_variants(name, cfg)
     if write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        stem = RESULTS / f"overhead-{device.platform}"
-        stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        stem.with_suffix(".md").write_text(to_markdown(result))
+        from benchmarks.run import write_results
+
+        write_results("overhead", result, to_markdown(result))
     return result
 
 

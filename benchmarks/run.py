@@ -90,13 +90,21 @@ def run_suite(suite: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:
     params = inspect.signature(fn).parameters
     kwargs = {"write": False} if "write" in params else {}
     result = fn(**kwargs)
+    markdown = to_md(result) if to_md else generic_markdown(suite, result)
+    return write_results(suite, result, markdown, out_dir)
+
+
+def write_results(
+    name: str, result: Mapping[str, Any], markdown: str, out_dir: Path = RESULTS
+) -> tuple[Path, Path]:
+    """Writes ``<name>-<device>.json`` (atomically) and ``.md`` in ``out_dir``; returns both."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{suite}-{device_name()}"
+    stem = out_dir / f"{name}-{device_name()}"
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
     tmp = stem.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     tmp.replace(json_path)
-    md_path.write_text(to_md(result) if to_md else generic_markdown(suite, result))
+    md_path.write_text(markdown)
     return json_path, md_path
 
 
