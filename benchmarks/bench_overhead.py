@@ -113,22 +113,17 @@ def _time_variants(name: str, cfg: tuple) -> dict[str, Any]:
         fns[label] = (step, scan)
         states[label] = (p, s)
     times: dict[str, dict[str, list[float]]] = {v: {"step": [], "scan": []} for v in variants}
-    for _ in range(step_reps):
-        for label in variants:
-            p, s = states[label]
-            t0 = time.perf_counter()
-            p, s = fns[label][0](p, s, x, y)
-            _block((p, s))
-            times[label]["step"].append(time.perf_counter() - t0)
-            states[label] = (p, s)
-    for _ in range(scan_reps):
-        for label in variants:
-            p, s = states[label]
-            t0 = time.perf_counter()
-            p, s = fns[label][1](p, s, xs, ys)
-            _block((p, s))
-            times[label]["scan"].append((time.perf_counter() - t0) / scan_len)
-            states[label] = (p, s)
+    # mode -> (index into fns, repeats, inputs, steps per call)
+    modes = {"step": (0, step_reps, (x, y), 1), "scan": (1, scan_reps, (xs, ys), scan_len)}
+    for mode, (i, reps, inputs, n_steps) in modes.items():
+        for _ in range(reps):
+            for label in variants:
+                p, s = states[label]
+                t0 = time.perf_counter()
+                p, s = fns[label][i](p, s, *inputs)
+                _block((p, s))
+                times[label][mode].append((time.perf_counter() - t0) / n_steps)
+                states[label] = (p, s)
     out: dict[str, Any] = {"params": n_params, "batch": batch, "scan_length": scan_len}
     for mode in ("step", "scan"):
         noskip = statistics.median(times["guard(adam, skip=False)"][mode])
