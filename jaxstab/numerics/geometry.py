@@ -31,6 +31,14 @@ _UNROLL_UP_TO = 8
 
 
 def _axis_reduce(op, v: jax.Array, axis: Axis, full) -> jax.Array:
+    # ``op``/``full`` reduce non-negative values (|x|, x²), so 0 is their identity: a
+    # zero-length axis reduces to 0, as in ``jnp.linalg.norm``.
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if any(v.shape[a] == 0 for a in axes):
+        shape = list(v.shape)
+        for a in axes:
+            shape[a] = 1
+        return jnp.zeros(shape, v.dtype)
     # XLA on CPU reduces a short minor axis (xyz coordinates) several times slower than it
     # combines slices elementwise, so short single axes are unrolled by hand.
     if isinstance(axis, int) and v.shape[axis] <= _UNROLL_UP_TO:

@@ -7,6 +7,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -163,3 +164,26 @@ def test_pairwise_distances_match_float64_and_diagonal_is_safe():
     diff = x64[:, :, None] - x64[:, None]
     unit = diff / np.where(ref > 0, ref, 1)[..., None]
     np.testing.assert_allclose(grad, 2 * unit.sum(axis=2), rtol=1e-5, atol=1e-5)
+
+
+ZERO_LENGTH_CASES = [((0,), -1), ((3, 0), -1), ((0, 3), 0), ((2, 0, 4), (0, 1)), ((2, 0, 4), 1)]
+
+
+@pytest.mark.parametrize(("shape", "axis"), ZERO_LENGTH_CASES)
+def test_zero_length_axis_behaves_like_linalg_norm(shape, axis):
+    x = jnp.ones(shape, jnp.float32)
+    ref = jnp.linalg.norm(x, axis=axis)
+    np.testing.assert_array_equal(N.safe_norm(x, axis=axis), ref)
+    kept = N.safe_norm(x, axis=axis, keepdims=True)
+    assert kept.shape == jnp.linalg.norm(x, axis=axis, keepdims=True).shape
+    assert not np.any(kept)
+    unit = N.safe_normalize(x, axis=axis)
+    assert unit.shape == x.shape and unit.dtype == x.dtype
+    cos = N.cosine_similarity(x, x, axis=axis)
+    np.testing.assert_array_equal(cos, np.zeros(ref.shape, np.float32))
+    grad = jax.grad(lambda v: jnp.sum(N.safe_norm(v, axis=axis)))(x)
+    assert grad.shape == x.shape
+
+
+def test_zero_points_pairwise_distances():
+    assert N.pairwise_distances(jnp.zeros((0, 3))).shape == (0, 0)
