@@ -16,10 +16,16 @@ Example:
   ...              batch_size=16, epochs=30, key=jax.random.key(0))
   >>> result.status, result.steps, bool(result.history["loss"][-1] < 1e-2)
   ('ok', 120, True)
+
+Testing hook: with the environment variable ``JAXSTAB_EXIT_AFTER_EPOCH=k`` the process ends
+with ``os._exit(137)`` right after the ``latest`` checkpoint of epoch ``k`` is committed, the
+way ``kill -9`` would end it (no cleanup runs); the crash-and-resume tests use it.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -30,7 +36,7 @@ import optax
 from flax import nnx
 
 from jaxstab.train import batching
-from jaxstab.train.checkpoint import CheckpointStore
+from jaxstab.train.checkpoint import CheckpointError, CheckpointStore, CheckpointWarning
 from jaxstab.train.progress import TrainProgress
 from jaxstab.train.recorder import Recorder
 from jaxstab.train.step import (
@@ -129,8 +135,12 @@ def fit(
       eval_data: evaluated in eval mode after every epoch (mean of ``loss_fn``).
       checkpoint_dir: keeps orbax ``latest`` (every epoch) and ``best`` (by eval loss, else
         train loss) checkpoints there.
-      resume: continue from ``checkpoint_dir``'s ``latest`` checkpoint when there is one; the
-        run key is then the checkpointed one.
+      resume: continue from the newest verified ``latest`` checkpoint in ``checkpoint_dir``
+        (a newer one that fails verification is passed over with a ``CheckpointWarning``
+        naming both steps, and deleted); the run key is then the checkpointed one. Raises
+        ``CheckpointError`` when there is no verified checkpoint, or when it was written with
+        another ``batch_size`` or number of examples. Without ``resume`` a ``checkpoint_dir``
+        that already holds checkpoints is refused (``ValueError``) before any step.
       explosion_norm: stop when the global gradient norm exceeds it or is non-finite
         (``None``: never).
       record: keep every ``jaxstab.read_stats`` value per step in ``history``.
@@ -163,10 +173,30 @@ def fit(
     start_epoch, global_step, best = 0, 0, float("inf")
     history: dict[str, np.ndarray] = {}
     epoch_hist: dict[str, list[float]] = {"train_loss": [], "eval_loss": []}
-    if resume and store is not None and store.latest_step("latest") is not None:
+    run_facts = {"batch_size": int(batch_size), "n_examples": int(n)}
+    if store is not None and not resume and any(store.steps(k) for k in ("latest", "best")):
+        store.close()
+        raise ValueError(
+            f"checkpoint_dir {store.directory} already holds checkpoints; resume=True continues "
+            "them, or use an empty directory"
+        )
+    if resume and store is not None:
         leaves, treedef = jax.tree.flatten((params, opt_state, rest))
-        restored, history, meta = store.restore("latest", leaves)
-        params, opt_state, rest = jax.tree.unflatten(treedef, restored)
+        try:
+            got = store.restore("latest", leaves, expect=run_facts)
+        except CheckpointError:
+            store.close()
+            raise
+        for step, why in got.skipped:
+            warnings.warn(
+                f"checkpoint latest/{step} failed verification ({why}); "
+                f"resuming from latest/{got.step}",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+        store.drop_after("latest", got.step)
+        history, meta = got.history, got.meta
+        params, opt_state, rest = jax.tree.unflatten(treedef, got.leaves)
         start_epoch, global_step, best = meta["epoch"], meta["step"], float(meta["best"])
         epoch_hist = {k: list(v) for k, v in meta["epoch_history"].items()}
         key = jax.random.wrap_key_data(jnp.asarray(meta["key"], jnp.uint32), impl=meta["impl"])
@@ -224,6 +254,7 @@ def fit(
             if store is not None:
                 leaves = jax.tree.leaves((carry.params, carry.opt_state, carry.rest))
                 meta = {
+                    **run_facts,
                     "epoch": epoch + 1,
                     "step": global_step,
                     "best": min(best, metric) if np.isfinite(metric) else best,
@@ -234,6 +265,8 @@ def fit(
                 if np.isfinite(metric) and metric < best:
                     store.save("best", global_step, leaves, {}, meta)
                 store.save("latest", global_step, leaves, recorder.history(), meta)
+                if os.environ.get("JAXSTAB_EXIT_AFTER_EPOCH") == str(epoch + 1):
+                    os._exit(137)  # testing hook, see the module docstring
             if np.isfinite(metric) and metric < best:
                 best = metric
     finally:
