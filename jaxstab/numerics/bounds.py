@@ -125,28 +125,44 @@ def _algebraic_sigmoid_jvp(primals, tangents):
 
 
 def soft_clip(
-    x: jax.typing.ArrayLike, low: jax.typing.ArrayLike, high: jax.typing.ArrayLike
+    x: jax.typing.ArrayLike,
+    low: jax.typing.ArrayLike,
+    high: jax.typing.ArrayLike,
+    *,
+    knee: float = 0.5,
 ) -> jax.Array:
-    """Smooth clip into ``(low, high)`` with a gradient that decays only polynomially.
+    """Clip into ``(low, high)`` that is the identity inside and saturates smoothly near the ends.
 
-    With ``c = (low + high) / 2`` and ``h = (high - low) / 2``:
-    ``soft_clip(x) = c + h * z / sqrt(1 + z^2)``, ``z = (x - c) / h``. The slope is 1 at the
-    centre and ``(1 + z^2)^(-3/2)`` elsewhere (``custom_jvp``), so it is still non-zero far
-    outside the bounds (about 1e-12 at ``z = 1e4`` in float32). A ``tanh`` clip has the same
-    shape but its slope ``1 - tanh^2`` is exactly 0 once ``|z| > 9`` in float32, and a hard
-    ``clip`` has slope 0 everywhere outside. Concrete bounds must satisfy ``low < high``.
+    With ``c = (low + high) / 2``, ``h = (high - low) / 2`` and ``z = (x - c) / h``: for
+    ``|z| <= knee`` the value is ``x`` itself (bit for bit); beyond, it is
+    ``c ± h (knee + (1 - knee) s(u))`` with ``u = (|z| - knee) / (1 - knee)`` and the algebraic
+    sigmoid ``s(u) = u / sqrt(1 + u^2)``. Value, slope and curvature are continuous at the knee
+    (``s(0) = 0``, ``s'(0) = 1``, ``s''(0) = 0``), the value stays strictly inside the bounds
+    (up to rounding at the very ends), the function is strictly increasing, and the slope
+    ``(1 + u^2)^(-3/2)`` is non-zero far outside the bounds (about 1e-12 at ``z = 1e4`` in
+    float32; ``custom_jvp``). A ``tanh`` clip has slope exactly 0 once ``|z| > 9`` in float32
+    and bends values everywhere (``20 tanh(3 / 20) = 2.97``); a hard ``clip`` has slope 0
+    outside. ``knee`` in ``[0, 1)`` is the identity band as a fraction of ``h``. Concrete
+    bounds must satisfy ``low < high``.
 
     >>> import jax
-    >>> round(float(soft_clip(0.5, 0.0, 1.0)), 4), float(jax.grad(soft_clip)(0.5, 0.0, 1.0))
-    (0.5, 1.0)
+    >>> float(soft_clip(3.0, -20.0, 20.0)), round(float(soft_clip(50.0, -20.0, 20.0)), 3)
+    (3.0, 19.701)
+    >>> float(jax.grad(soft_clip)(3.0, -20.0, 20.0))
+    1.0
     >>> bool(jax.grad(soft_clip)(1e3, 0.0, 1.0) > 0)
     True
     """
+    if not 0.0 <= knee < 1.0:
+        raise ValueError(f"knee must be in [0, 1), got {knee}")
     check_less(low, high)
     dtype, (x, low, high) = promote(x, low, high)
     centre = 0.5 * (low + high)
     half = 0.5 * (high - low)
-    out = centre + half * _algebraic_sigmoid((x - centre) / half)
+    z = (x - centre) / half
+    a = jnp.abs(z)
+    outer = knee + (1.0 - knee) * _algebraic_sigmoid((a - knee) / (1.0 - knee))
+    out = jnp.where(a <= knee, x, centre + half * jnp.sign(z) * outer)
     # Rounding of centre ± half can land an ulp outside; clip the value, keep the slope.
     return _st_clip(out, low, high).astype(dtype)
 

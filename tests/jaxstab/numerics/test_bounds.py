@@ -73,6 +73,17 @@ def test_bounds_must_be_ordered():
         N.soft_clip(0.0, 1.0, 1.0)
 
 
+def _soft_clip_reference(x, low, high, knee=0.5):
+    """float64 reference of the knee soft clip: identity inside, algebraic sigmoid outside."""
+    c, h = 0.5 * (low + high), 0.5 * (high - low)
+    z = (np.asarray(x, np.float64) - c) / h
+    a = np.abs(z)
+    u = (a - knee) / (1 - knee)
+    outer = c + h * np.sign(z) * (knee + (1 - knee) * u / np.sqrt(1 + u * u))
+    slope = np.where(a <= knee, 1.0, (1 + u * u) ** -1.5)
+    return np.where(a <= knee, x, outer), slope
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.floats(-1e6, 1e6), min_size=8, max_size=8))
 def test_soft_clip_matches_float64_reference(xs):
@@ -81,10 +92,50 @@ def test_soft_clip_matches_float64_reference(xs):
     value, grad = jax.jit(jax.vmap(jax.value_and_grad(N.soft_clip), (0, None, None)))(
         jnp.asarray(x), low, high
     )
-    z = (x.astype(np.float64) - 1.0) / 2.0
-    np.testing.assert_allclose(value, 1.0 + 2.0 * z / np.sqrt(1 + z * z), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(grad, (1 + z * z) ** -1.5, rtol=1e-5, atol=1e-38)
+    ref, slope = _soft_clip_reference(x.astype(np.float64), low, high)
+    np.testing.assert_allclose(value, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, slope, rtol=1e-5, atol=1e-38)
     assert ((value >= low) & (value <= high)).all()
+
+
+def test_soft_clip_is_the_identity_well_inside():
+    # Every float32 in [-0.5, 0.5] x bound comes back bit for bit, with slope exactly 1.
+    for limit in (10.0, 20.0):
+        x = jnp.linspace(-0.5 * limit, 0.5 * limit, 20001, dtype=jnp.float32)
+        value, grad = jax.vmap(jax.value_and_grad(N.soft_clip), (0, None, None))(x, -limit, limit)
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(x))
+        np.testing.assert_array_equal(np.asarray(grad), np.ones(x.shape, np.float32))
+    # The decoder's log-mean 3 (bound 20) and the logvar -3 (bound 10) are left alone.
+    assert float(N.soft_clip(3.0, -20.0, 20.0)) == 3.0
+    assert float(N.soft_clip(-3.0, -10.0, 10.0)) == -3.0
+
+
+def test_soft_clip_monotone_bounded_smooth_with_finite_gradient():
+    x = jnp.concatenate(
+        [-jnp.logspace(8, -3, 3000), jnp.linspace(-30, 30, 6001), jnp.logspace(-3, 8, 3000)]
+    ).astype(jnp.float32)
+    x = jnp.sort(x)
+    value, grad = jax.vmap(jax.value_and_grad(N.soft_clip), (0, None, None))(x, -10.0, 10.0)
+    value, grad = np.asarray(value), np.asarray(grad)
+    # Monotone: strictly where the values differ in float32, within one ulp of the bound where
+    # rsqrt rounds near saturation.
+    assert np.all(np.diff(value) >= -np.spacing(np.float32(10.0)))
+    mid = np.abs(np.asarray(x)) < 30
+    assert np.all(np.diff(value[mid]) > 0)
+    assert np.all((value >= -10.0) & (value <= 10.0))
+    assert np.all(np.isfinite(grad)) and np.all(grad > 0) and np.all(grad <= 1.0)
+    # Saturates only near the bound: within 2 % of it once x is twice the bound.
+    assert float(N.soft_clip(20.0, -10.0, 10.0)) > 9.5
+    # The slope is continuous at the knee (|x| = 5 for bound 10).
+    eps = 1e-3
+    below = float(jax.grad(N.soft_clip)(5.0 - eps, -10.0, 10.0))
+    above = float(jax.grad(N.soft_clip)(5.0 + eps, -10.0, 10.0))
+    assert below == 1.0 and abs(above - 1.0) < 1e-4
+
+
+def test_soft_clip_knee_must_be_a_fraction():
+    with pytest.raises(ValueError, match="knee"):
+        N.soft_clip(0.0, -1.0, 1.0, knee=1.0)
 
 
 def test_soft_clip_gradient_nonzero_far_outside():
