@@ -7,92 +7,189 @@ common-subexpression elimination into a single pass over the gradient.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from typing import Any, NamedTuple
+import operator
+from collections.abc import Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-# NNX ``Variable`` leaves flatten with a trailing attribute key; it is not part of the
-# parameter's name.
-_VARIABLE_ATTRS = ("value", "raw_value", "_value")
+# Group naming lives in ``jaxstab.tree``; re-exported for the transforms.
+from jaxstab.tree import group_layout as group_layout
+from jaxstab.tree import leaf_group_names as leaf_group_names
+from jaxstab.tree import path_name
+from jaxstab.tree import path_names as path_names
+
+_State = TypeVar("_State", bound=tuple)
 
 
-def check_group_depth(group_depth: int | None) -> None:
-    """Raises a ``ValueError`` unless ``group_depth`` is ``None`` or a positive int."""
-    if group_depth is None:
-        return
-    if isinstance(group_depth, bool) or not isinstance(group_depth, int) or group_depth < 1:
-        raise ValueError(f"group_depth must be a positive int or None, got {group_depth!r}")
+def _concrete(value: Any) -> np.ndarray | None:
+    """``value`` as a numpy array, or ``None`` when it is traced (checked at run time)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    return np.asarray(value)
+
+
+def _scalar(name: str, value: Any) -> np.ndarray | None:
+    # Numeric hyperparameters are scalars: Python numbers or (traced) 0-d arrays, as
+    # ``optax.inject_hyperparams`` passes them. Booleans are not numbers here.
+    if isinstance(value, (bool, np.bool_)) or (
+        hasattr(value, "dtype") and jnp.dtype(value.dtype) == jnp.bool_
+    ):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if jnp.ndim(value) != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}")
+    arr = _concrete(value)
+    if arr is not None and not (
+        np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+    ):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    return arr
 
 
 def check_positive(name: str, value: Any) -> None:
-    """Raises a ``ValueError`` unless ``value`` is a finite positive number."""
-    try:
-        ok = float(value) > 0 and float(value) != float("inf")
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+    """Raises a ``ValueError`` unless ``value`` is a finite positive number.
+
+    Traced values (``optax.inject_hyperparams`` under ``jit``, schedules) are not checked.
+
+    >>> check_positive("max_norm", -1.0)
+    Traceback (most recent call last):
+    ValueError: max_norm must be a finite positive number, got -1.0
+    """
+    arr = _scalar(name, value)
+    if arr is not None and not (np.isfinite(arr) and arr > 0):
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")
 
 
-def _key_name(key: Any) -> str:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
+def check_range(
+    name: str, value: Any, low: float, high: float, *, closed_high: bool = False
+) -> None:
+    """Raises a ``ValueError`` unless ``low < value < high`` (``<= high`` when closed).
 
+    Traced values are not checked.
 
-def path_names(path: Sequence[Hashable]) -> list[str]:
-    """Names of the keys of one ``jax.tree_util`` key path, without NNX's ``.value``."""
-    names = [_key_name(k) for k in path]
-    if (
-        len(names) > 1
-        and isinstance(path[-1], jax.tree_util.GetAttrKey)
-        and names[-1] in _VARIABLE_ATTRS
-    ):
-        names = names[:-1]
-    return names
-
-
-def leaf_group_names(tree: Any, group_depth: int | None = 1) -> list[str]:
-    """The group name of every leaf of ``tree``, in ``jax.tree_util`` leaf order.
-
-    The group is the leaf's path cut at ``group_depth`` keys and joined with ``"/"``;
-    ``group_depth=None`` keeps the full path (one group per leaf).
-
-    >>> import jax.numpy as jnp
-    >>> params = {"encoder": {"layers": [{"kernel": jnp.ones(2)}]}, "head": jnp.ones(1)}
-    >>> leaf_group_names(params, group_depth=2)
-    ['encoder/layers', 'head']
+    >>> check_range("alpha", 1.0, 0.0, 1.0)
+    Traceback (most recent call last):
+    ValueError: alpha must be in (0.0, 1.0), got 1.0
     """
-    paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    out = []
-    for path in paths:
-        names = path_names(path)
-        if group_depth is not None:
-            names = names[:group_depth]
-        out.append("/".join(names) if names else "<root>")
+    arr = _scalar(name, value)
+    if arr is None:
+        return
+    ok = bool(low < arr) and bool(arr <= high if closed_high else arr < high)
+    if not ok:
+        bracket = "]" if closed_high else ")"
+        raise ValueError(f"{name} must be in ({low}, {high}{bracket}, got {value!r}")
+
+
+def check_count(name: str, value: Any, minimum: int) -> None:
+    """Raises a ``ValueError`` unless ``value`` is an integer ``>= minimum``.
+
+    For step counts compared against the state (warm-up length, period): a Python int or
+    an integer array, possibly traced (then not checked).
+
+    >>> check_count("period", 0, 1)
+    Traceback (most recent call last):
+    ValueError: period must be an int >= 1, got 0
+    """
+    arr = _scalar(name, value)
+    if arr is None:
+        if not jnp.issubdtype(jnp.result_type(value), jnp.integer):
+            raise ValueError(f"{name} must be an int >= {minimum}, got a {value.dtype} value")
+        return
+    if not np.issubdtype(arr.dtype, np.integer) or int(arr) < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def static_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as a Python int ``>= minimum``, for arguments that set a shape or a layout.
+
+    Concrete integer arrays are accepted; a traced value cannot set a shape, which is a
+    ``TypeError`` that says how to keep it static under ``optax.inject_hyperparams``.
+
+    >>> import numpy as np
+    >>> static_int("history", np.int32(8), 1)
+    8
+    >>> static_int("window", 0, 2)
+    Traceback (most recent call last):
+    ValueError: window must be an int >= 2, got 0
+    """
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} sets a shape or a layout and cannot be traced; with "
+            f"optax.inject_hyperparams pass static_args=({name!r},)"
+        )
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}") from None
+    if out < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return out
 
 
-def group_layout(tree: Any, group_depth: int | None = 1) -> tuple[list[str], list[list[int]]]:
-    """Ordered unique group names and, for each, the indices of its leaves."""
-    per_leaf = leaf_group_names(tree, group_depth)
-    names: list[str] = []
-    members: dict[str, list[int]] = {}
-    for i, name in enumerate(per_leaf):
-        if name not in members:
-            names.append(name)
-            members[name] = []
-        members[name].append(i)
-    return names, [members[n] for n in names]
+def check_group_depth(group_depth: Any) -> int | None:
+    """``group_depth`` as a positive int or ``None``; anything else is a ``ValueError``."""
+    if group_depth is None:
+        return None
+    try:
+        return static_int("group_depth", group_depth, 1)
+    except ValueError:
+        raise ValueError(
+            f"group_depth must be a positive int or None, got {group_depth!r}"
+        ) from None
+
+
+def as_float_updates(updates: Any) -> Any:
+    """``updates`` with integer and bool leaves promoted to floating point.
+
+    Every jaxstab transform calls this first, so a non-float gradient is never truncated
+    (an int32 gradient clipped by 0.27 must not become 0). The promotion is the dtype of
+    the leaf's arithmetic with a Python float, as in ``optax.adam``: int32 → float32
+    (float64 under ``jax_enable_x64``). Complex and ``float0`` leaves have no real norm:
+    a ``TypeError`` names the first such leaf.
+
+    >>> import jax.numpy as jnp
+    >>> as_float_updates({"w": jnp.array([3, 4])})["w"].dtype
+    dtype('float32')
+    """
+    leaves = jax.tree_util.tree_leaves(updates)
+    if all(jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves):
+        return updates
+    flat, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    out = []
+    for path, x in flat:
+        dtype = jnp.result_type(x)
+        if jnp.issubdtype(dtype, jnp.floating):
+            out.append(x)
+        elif jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.bool_:
+            out.append(jnp.asarray(x).astype(jnp.result_type(dtype, float)))
+        else:
+            raise TypeError(
+                f"gradient leaf {path_name(path)!r} has dtype {dtype}; jaxstab transforms "
+                "take real gradients (floating, or integer/bool, promoted to float)"
+            )
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def keep_dtypes(new: _State, old: _State, *, skip: Sequence[str] = ("inner_state",)) -> _State:
+    """``new`` with every field's arrays cast to the dtypes of ``old`` (``skip`` kept).
+
+    A transform's state keeps the dtypes of its ``init`` (int32 counters, float32
+    statistics) under ``jax_enable_x64`` and with float64 hyperparameters, so that a
+    ``lax.scan`` over steps has a fixed carry.
+    """
+    fields = {
+        f: jax.tree.map(
+            lambda n, o: jnp.asarray(n).astype(o.dtype), getattr(new, f), getattr(old, f)
+        )
+        for f in new._fields
+        if f not in skip
+    }
+    return new._replace(**fields)
 
 
 def _acc_dtype(dtype: Any) -> Any:
@@ -150,7 +247,7 @@ def _exact_leaf(x: jax.Array) -> tuple[jax.Array, ...]:
     scale = jnp.where(jnp.isinf(plain) & (max_abs > 0), max_abs, jnp.ones_like(max_abs))
     xs = xa / scale
     sumsq = jnp.where(jnp.isinf(plain), jnp.sum(xs * xs), plain)
-    count = lambda b: jnp.sum(b.astype(jnp.int32))
+    count = lambda b: jnp.sum(b, dtype=jnp.int32)
     return scale, sumsq, max_abs, count(jnp.isnan(xf)), count(jnp.isinf(xf)), count(xf == 0)
 
 
@@ -244,8 +341,8 @@ def all_finite(stats: TreeStats) -> jax.Array:
 
 
 def group_sum(values: jax.Array, index: Sequence[int]) -> jax.Array:
-    """Sum of ``values`` over the leaves in ``index``."""
-    return jnp.sum(values[jnp.asarray(list(index), jnp.int32)])
+    """Sum of ``values`` over the leaves in ``index`` (in ``values.dtype``, also under x64)."""
+    return jnp.sum(values[jnp.asarray(list(index), jnp.int32)], dtype=values.dtype)
 
 
 def group_max(values: jax.Array, index: Sequence[int]) -> jax.Array:

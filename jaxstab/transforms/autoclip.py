@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxstab import stat_names as S
 from jaxstab.transforms import _groups
 from jaxstab.transforms.clip_by_global_norm import clip_leaf
 
@@ -31,14 +32,16 @@ class AutoClipState(NamedTuple):
 
     def _jaxstab_stats(self) -> dict[str, jax.Array]:
         return {
-            "autoclip/count": self.count,
-            "autoclip/threshold": self.threshold,
-            "autoclip/pre_norm": self.pre_norm,
-            "autoclip/clipped": self.clipped,
+            S.AUTOCLIP_COUNT: self.count,
+            S.AUTOCLIP_THRESHOLD: self.threshold,
+            S.AUTOCLIP_PRE_NORM: self.pre_norm,
+            S.AUTOCLIP_CLIPPED: self.clipped,
         }
 
 
-def percentile_of_buffer(buf: jax.Array, n: jax.Array, percentile: float) -> jax.Array:
+def percentile_of_buffer(
+    buf: jax.Array, n: jax.Array, percentile: jax.typing.ArrayLike
+) -> jax.Array:
     """``numpy.percentile(buf[:n], percentile)`` (linear interpolation) for a traced ``n``.
 
     Fixed-shape: the unused tail is masked with +Inf and sorted to the end. ``n == 0``
@@ -57,7 +60,7 @@ def percentile_of_buffer(buf: jax.Array, n: jax.Array, percentile: float) -> jax
 
 
 def autoclip(
-    percentile: float = 10.0, history: int = 1024, *, axis_name: str | None = None
+    percentile: jax.typing.ArrayLike = 10.0, history: int = 1024, *, axis_name: str | None = None
 ) -> optax.GradientTransformation:
     """AutoClip: clips the gradient to a percentile of the norms observed so far.
 
@@ -71,8 +74,9 @@ def autoclip(
     enters the history.
 
     Args:
-      percentile: in (0, 100]; the paper recommends 10.
-      history: number of past norms kept (>= 1).
+      percentile: in (0, 100]; the paper recommends 10. May be an array or traced.
+      history: number of past norms kept (>= 1); a shape, so static (with
+        ``optax.inject_hyperparams`` list it in ``static_args``).
       axis_name: under ``shard_map``/``pmap``, norms are reduced across this axis.
 
     >>> import jax.numpy as jnp, jaxstab
@@ -83,10 +87,8 @@ def autoclip(
     >>> float(out["w"][0]), bool(jaxstab.read_stats(state)["autoclip/clipped"])
     (2.5, True)
     """
-    if not 0.0 < float(percentile) <= 100.0:
-        raise ValueError(f"percentile must be in (0, 100], got {percentile!r}")
-    if isinstance(history, bool) or not isinstance(history, int) or history < 1:
-        raise ValueError(f"history must be a positive int, got {history!r}")
+    _groups.check_range("percentile", percentile, 0.0, 100.0, closed_high=True)
+    history = _groups.static_int("history", history, 1)
 
     def init_fn(params: Any) -> AutoClipState:
         del params
@@ -103,6 +105,7 @@ def autoclip(
         updates: Any, state: AutoClipState, params: Any = None
     ) -> tuple[Any, AutoClipState]:
         del params
+        updates = _groups.as_float_updates(updates)
         ts = _groups.tree_stats(updates, axis_name, full=False)
         g = _groups.global_norm(ts).astype(jnp.float32)
         finite = _groups.all_finite(ts)
@@ -112,6 +115,6 @@ def autoclip(
         tau = percentile_of_buffer(norms, jnp.minimum(count, history), percentile)
         clip = finite & (g > tau)
         out = jax.tree.map(lambda x: clip_leaf(x, g, tau, clip), updates)
-        return out, AutoClipState(norms, count, tau, g, clip)
+        return out, _groups.keep_dtypes(AutoClipState(norms, count, tau, g, clip), state)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxstab import stat_names as S
 from jaxstab.transforms import _groups
 
 
@@ -26,13 +27,15 @@ class ClipByGlobalNormState(NamedTuple):
 
     def _jaxstab_stats(self) -> dict[str, jax.Array]:
         return {
-            "clip/pre_norm": self.pre_norm,
-            "clip/scale": self.scale,
-            "clip/clipped": self.clipped,
+            S.CLIP_PRE_NORM: self.pre_norm,
+            S.CLIP_SCALE: self.scale,
+            S.CLIP_CLIPPED: self.clipped,
         }
 
 
-def clip_leaf(x: jax.Array, norm: jax.Array, max_norm: float, clip: jax.Array) -> jax.Array:
+def clip_leaf(
+    x: jax.Array, norm: jax.Array, max_norm: jax.typing.ArrayLike, clip: jax.Array
+) -> jax.Array:
     """``x / norm * max_norm`` where ``clip``, else ``x``; computed in float32 or wider.
 
     For float32 leaves this is exactly optax's formula; for float16/bfloat16 the division
@@ -45,7 +48,7 @@ def clip_leaf(x: jax.Array, norm: jax.Array, max_norm: float, clip: jax.Array) -
 
 
 def clip_by_global_norm(
-    max_norm: float, *, axis_name: str | None = None
+    max_norm: jax.typing.ArrayLike, *, axis_name: str | None = None
 ) -> optax.GradientTransformation:
     """Clips the gradient to global L2 norm ``max_norm`` and records what it did.
 
@@ -54,8 +57,12 @@ def clip_by_global_norm(
     correctly where optax's float16 squared norm overflows to Inf and zeroes them.
     Records ``clip/pre_norm``, ``clip/scale`` and ``clip/clipped``.
 
+    Integer and bool gradient leaves are promoted to float (int32 → float32), as
+    ``optax.adam`` computes with them, never truncated.
+
     Args:
-      max_norm: the largest global norm allowed (> 0).
+      max_norm: the largest global norm allowed (> 0); an array or a traced value too, so
+        ``optax.inject_hyperparams(jaxstab.clip_by_global_norm)`` can schedule it.
       axis_name: under ``shard_map``/``pmap`` with a sharded gradient, squared norms are
         summed across this axis so every replica applies the same scale.
 
@@ -77,11 +84,13 @@ def clip_by_global_norm(
     def update_fn(
         updates: Any, state: ClipByGlobalNormState, params: Any = None
     ) -> tuple[Any, ClipByGlobalNormState]:
-        del params, state
+        del params, state  # the state is only written (optax.EmptyState() works too)
+        updates = _groups.as_float_updates(updates)
         norm = _groups.global_norm(_groups.tree_stats(updates, axis_name, full=False))
         clip = norm >= max_norm  # optax keeps the update when norm < max_norm
         out = jax.tree.map(lambda x: clip_leaf(x, norm, max_norm, clip), updates)
         scale = jnp.where(clip, max_norm / jnp.where(clip, norm, 1), 1.0)
-        return out, ClipByGlobalNormState(norm.astype(jnp.float32), scale.astype(jnp.float32), clip)
+        f32 = jnp.float32
+        return out, ClipByGlobalNormState(norm.astype(f32), scale.astype(f32), clip)
 
     return optax.GradientTransformation(init_fn, update_fn)

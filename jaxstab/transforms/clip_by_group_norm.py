@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxstab import stat_names as S
 from jaxstab.transforms import _groups
 from jaxstab.transforms.clip_by_global_norm import clip_leaf
 
@@ -24,16 +25,16 @@ class ClipByGroupNormState(NamedTuple):
     clipped: dict[str, jax.Array]
 
     def _jaxstab_stats(self) -> dict[str, jax.Array]:
-        out = {f"clip/group_norm/{g}": v for g, v in self.pre_norm.items()}
-        out.update({f"clip/clipped/{g}": v for g, v in self.clipped.items()})
-        out["clip/groups_clipped"] = sum(
+        out = {S.group_stat(S.CLIP_GROUP_NORM, g): v for g, v in self.pre_norm.items()}
+        out.update({S.group_stat(S.CLIP_GROUP_CLIPPED, g): v for g, v in self.clipped.items()})
+        out[S.CLIP_GROUPS_CLIPPED] = sum(
             (v.astype(jnp.int32) for v in self.clipped.values()), jnp.zeros((), jnp.int32)
         )
         return out
 
 
 def clip_by_group_norm(
-    max_norm: float, group_depth: int | None = 1, *, axis_name: str | None = None
+    max_norm: jax.typing.ArrayLike, group_depth: int | None = 1, *, axis_name: str | None = None
 ) -> optax.GradientTransformation:
     """Clips each parameter group to L2 norm ``max_norm`` independently.
 
@@ -42,8 +43,9 @@ def clip_by_group_norm(
     ``clip/group_norm/<g>``, ``clip/clipped/<g>`` and ``clip/groups_clipped``.
 
     Args:
-      max_norm: the largest norm allowed per group (> 0).
-      group_depth: how groups are named (see :func:`jaxstab.log_norms`).
+      max_norm: the largest norm allowed per group (> 0); may be an array or traced.
+      group_depth: how groups are named (see :func:`jaxstab.log_norms`); static (with
+        ``optax.inject_hyperparams`` list it in ``static_args``).
       axis_name: under ``shard_map``/``pmap``, norms are reduced across this axis.
 
     >>> import jax.numpy as jnp, jaxstab
@@ -56,7 +58,7 @@ def clip_by_group_norm(
     True
     """
     _groups.check_positive("max_norm", max_norm)
-    _groups.check_group_depth(group_depth)
+    group_depth = _groups.check_group_depth(group_depth)
 
     def init_fn(params: Any) -> ClipByGroupNormState:
         groups, _ = _groups.group_layout(params, group_depth)
@@ -68,7 +70,8 @@ def clip_by_group_norm(
     def update_fn(
         updates: Any, state: ClipByGroupNormState, params: Any = None
     ) -> tuple[Any, ClipByGroupNormState]:
-        del params, state
+        del params, state  # the state is only written
+        updates = _groups.as_float_updates(updates)
         groups, members = _groups.group_layout(updates, group_depth)
         ts = _groups.tree_stats(updates, axis_name)
         leaves, treedef = jax.tree_util.tree_flatten(updates)

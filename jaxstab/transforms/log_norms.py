@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxstab import stat_names as S
 from jaxstab.transforms import _groups
 
 
@@ -32,16 +33,16 @@ class LogNormsState(NamedTuple):
 
 def _stat_names(groups: list[str]) -> list[tuple[str, Any]]:
     names: list[tuple[str, Any]] = [
-        ("grad/global_norm", jnp.float32),
-        ("grad/update_ratio", jnp.float32),
+        (S.GLOBAL_NORM, jnp.float32),
+        (S.UPDATE_RATIO, jnp.float32),
     ]
     for g in groups:
         names += [
-            (f"grad/norm/{g}", jnp.float32),
-            (f"grad/max_abs/{g}", jnp.float32),
-            (f"grad/nan/{g}", jnp.int32),
-            (f"grad/inf/{g}", jnp.int32),
-            (f"grad/zero_frac/{g}", jnp.float32),
+            (S.group_stat(S.GROUP_NORM, g), jnp.float32),
+            (S.group_stat(S.GROUP_MAX_ABS, g), jnp.float32),
+            (S.group_stat(S.GROUP_NAN, g), jnp.int32),
+            (S.group_stat(S.GROUP_INF, g), jnp.int32),
+            (S.group_stat(S.GROUP_ZERO_FRAC, g), jnp.float32),
         ]
     return names
 
@@ -73,6 +74,9 @@ def log_norms(
       axis_name: under ``shard_map``/``pmap`` with a sharded gradient, the mapped axis;
         statistics are reduced across it.
 
+    ``group_depth`` and ``history`` set the state's layout: with
+    ``optax.inject_hyperparams`` list them in ``static_args``.
+
     >>> import jax.numpy as jnp, optax, jaxstab
     >>> params = {"w": jnp.ones(3), "b": jnp.zeros(1)}
     >>> tx = optax.chain(jaxstab.log_norms(), optax.sgd(0.1))
@@ -83,9 +87,8 @@ def log_norms(
     >>> float(stats["grad/norm/w"]), int(stats["grad/nan/b"]), float(stats["grad/zero_frac/w"])
     (5.0, 1, 0.3333333432674408)
     """
-    _groups.check_group_depth(group_depth)
-    if isinstance(history, bool) or not isinstance(history, int) or history < 0:
-        raise ValueError(f"history must be a non-negative int, got {history!r}")
+    group_depth = _groups.check_group_depth(group_depth)
+    history = _groups.static_int("history", history, 0)
 
     def init_fn(params: Any) -> LogNormsState:
         groups, _ = _groups.group_layout(params, group_depth)
@@ -97,6 +100,7 @@ def log_norms(
     def update_fn(
         updates: Any, state: LogNormsState, params: Any = None
     ) -> tuple[Any, LogNormsState]:
+        updates = _groups.as_float_updates(updates)
         groups, members = _groups.group_layout(updates, group_depth)
         ts = _groups.tree_stats(updates, axis_name)
         gnorm = _groups.global_norm(ts)
@@ -105,25 +109,23 @@ def log_norms(
         else:
             pnorm = _groups.global_norm(_groups.tree_stats(params, axis_name, full=False))
             ratio = jnp.where(pnorm > 0, gnorm / jnp.where(pnorm > 0, pnorm, 1), 0)
-        stats: dict[str, jax.Array] = {
-            "grad/global_norm": gnorm.astype(jnp.float32),
-            "grad/update_ratio": ratio.astype(jnp.float32),
-        }
+        stats: dict[str, jax.Array] = {S.GLOBAL_NORM: gnorm, S.UPDATE_RATIO: ratio}
         for g, idx in zip(groups, members, strict=True):
             size = _groups.group_sum(ts.size, idx)
             zeros = _groups.group_sum(ts.zeros, idx)
-            stats[f"grad/norm/{g}"] = _groups.combined_norm(ts, idx).astype(jnp.float32)
-            stats[f"grad/max_abs/{g}"] = _groups.group_max(ts.max_abs, idx).astype(jnp.float32)
-            stats[f"grad/nan/{g}"] = _groups.group_sum(ts.nan, idx)
-            stats[f"grad/inf/{g}"] = _groups.group_sum(ts.inf, idx)
-            stats[f"grad/zero_frac/{g}"] = jnp.where(
+            stats[S.group_stat(S.GROUP_NORM, g)] = _groups.combined_norm(ts, idx)
+            stats[S.group_stat(S.GROUP_MAX_ABS, g)] = _groups.group_max(ts.max_abs, idx)
+            stats[S.group_stat(S.GROUP_NAN, g)] = _groups.group_sum(ts.nan, idx)
+            stats[S.group_stat(S.GROUP_INF, g)] = _groups.group_sum(ts.inf, idx)
+            stats[S.group_stat(S.GROUP_ZERO_FRAC, g)] = jnp.where(
                 size > 0, zeros.astype(jnp.float32) / jnp.maximum(size, 1), 0.0
             )
         hist = state.history
         if history:
             pos = state.count % history
             hist = {n: buf.at[pos].set(stats[n].astype(buf.dtype)) for n, buf in hist.items()}
-        return updates, LogNormsState(state.count + 1, stats, hist)
+        new_state = LogNormsState(state.count + 1, stats, hist)
+        return updates, _groups.keep_dtypes(new_state, state)
 
     return optax.GradientTransformation(init_fn, update_fn)
 

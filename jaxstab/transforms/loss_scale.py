@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxstab import stat_names as S
 from jaxstab.transforms import _groups
 
 
@@ -28,19 +29,19 @@ class DynamicLossScaleState(NamedTuple):
 
     def _jaxstab_stats(self) -> dict[str, jax.Array]:
         return {
-            "loss_scale/scale": self.scale,
-            "loss_scale/good_steps": self.good_steps,
-            "loss_scale/overflow": self.overflow,
+            S.LOSS_SCALE: self.scale,
+            S.LOSS_SCALE_GOOD_STEPS: self.good_steps,
+            S.LOSS_SCALE_OVERFLOW: self.overflow,
         }
 
 
 def dynamic_loss_scale(
-    initial: float = 2.0**15,
-    period: int = 2000,
-    factor: float = 2.0,
+    initial: jax.typing.ArrayLike = 2.0**15,
+    period: jax.typing.ArrayLike = 2000,
+    factor: jax.typing.ArrayLike = 2.0,
     *,
     inner: optax.GradientTransformation | None = None,
-    min_scale: float = 1.0,
+    min_scale: jax.typing.ArrayLike = 1.0,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Dynamic loss scaling: unscales the gradient, shrinks on overflow, grows when stable.
@@ -63,6 +64,9 @@ def dynamic_loss_scale(
       min_scale: the scale never drops below this (> 0).
       axis_name: under ``shard_map``/``pmap``, overflow is decided across this axis.
 
+    The numeric arguments may be arrays or traced values (``optax.inject_hyperparams``);
+    only concrete values are checked.
+
     >>> import jax.numpy as jnp, optax, jaxstab
     >>> tx = jaxstab.dynamic_loss_scale(initial=8.0, inner=optax.sgd(1.0))
     >>> state = tx.init({"w": jnp.ones(1)})
@@ -75,10 +79,8 @@ def dynamic_loss_scale(
     """
     _groups.check_positive("initial", initial)
     _groups.check_positive("min_scale", min_scale)
-    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
-        raise ValueError(f"period must be a positive int, got {period!r}")
-    if not float(factor) > 1.0:
-        raise ValueError(f"factor must be > 1, got {factor!r}")
+    _groups.check_count("period", period, 1)
+    _groups.check_range("factor", factor, 1.0, float("inf"))
     wrapped = None if inner is None else optax.with_extra_args_support(inner)
 
     def init_fn(params: Any) -> DynamicLossScaleState:
@@ -92,6 +94,7 @@ def dynamic_loss_scale(
     def update_fn(
         updates: Any, state: DynamicLossScaleState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, DynamicLossScaleState]:
+        updates = _groups.as_float_updates(updates)
         finite = _groups.all_finite(_groups.tree_stats(updates, axis_name, full=False))
         inv = 1.0 / state.scale
         unscaled = _groups.scale_tree(updates, inv)
@@ -108,7 +111,8 @@ def dynamic_loss_scale(
             jnp.maximum(state.scale / factor, min_scale),
         ).astype(jnp.float32)
         good = jnp.where(finite & ~grow, state.good_steps + 1, 0)
-        return unscaled, DynamicLossScaleState(scale, good, ~finite, inner_state)
+        new_state = DynamicLossScaleState(scale, good, ~finite, inner_state)
+        return unscaled, _groups.keep_dtypes(new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

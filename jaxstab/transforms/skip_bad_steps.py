@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxstab import stat_names as S
 from jaxstab.transforms import _groups
 
 _EPS = 1e-12
@@ -38,22 +39,22 @@ class SkipBadStepsState(NamedTuple):
 
     def _jaxstab_stats(self) -> dict[str, jax.Array]:
         return {
-            "skip/skipped": self.skipped,
-            "skip/total": self.total,
-            "skip/consecutive": self.consecutive,
-            "skip/halt": self.halt,
-            "skip/z": self.z,
+            S.SKIP_SKIPPED: self.skipped,
+            S.SKIP_TOTAL: self.total,
+            S.SKIP_CONSECUTIVE: self.consecutive,
+            S.SKIP_HALT: self.halt,
+            S.SKIP_Z: self.z,
         }
 
 
 def skip_bad_steps(
     inner: optax.GradientTransformation,
-    nonfinite: bool = True,
-    spike_z: float | None = None,
+    nonfinite: bool | jax.Array = True,
+    spike_z: jax.typing.ArrayLike | None = None,
     window: int = 128,
-    max_consecutive: int | None = None,
+    max_consecutive: jax.typing.ArrayLike | None = None,
     *,
-    min_window: int | None = None,
+    min_window: jax.typing.ArrayLike | None = None,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips the ``inner`` update on a bad step: zero update, ``inner`` state kept.
@@ -81,6 +82,10 @@ def skip_bad_steps(
       axis_name: under ``shard_map``/``pmap``, the decision is reduced across this axis
         so every replica skips together.
 
+    ``spike_z``, ``max_consecutive``, ``min_window`` (and ``nonfinite``, a bool array)
+    may be arrays or traced values (``optax.inject_hyperparams``); ``window`` is a shape,
+    so static (list it in ``static_args``).
+
     >>> import jax.numpy as jnp, optax, jaxstab
     >>> tx = jaxstab.skip_bad_steps(optax.adam(1e-3), max_consecutive=2)
     >>> params = {"w": jnp.ones(2)}
@@ -91,17 +96,17 @@ def skip_bad_steps(
     """
     if spike_z is not None:
         _groups.check_positive("spike_z", spike_z)
-    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise ValueError(f"window must be an int >= 2, got {window!r}")
-    if max_consecutive is not None and (
-        isinstance(max_consecutive, bool)
-        or not isinstance(max_consecutive, int)
-        or max_consecutive < 1
-    ):
-        raise ValueError(f"max_consecutive must be a positive int or None, got {max_consecutive!r}")
+    window = _groups.static_int("window", window, 2)
+    if max_consecutive is not None:
+        _groups.check_count("max_consecutive", max_consecutive, 1)
     min_n = min(window, 16) if min_window is None else min_window
-    if isinstance(min_n, bool) or not isinstance(min_n, int) or not 2 <= min_n <= window:
+    _groups.check_count("min_window", min_n, 2)
+    if not isinstance(min_n, jax.core.Tracer) and int(min_n) > window:
         raise ValueError(f"min_window must be an int in [2, window], got {min_window!r}")
+    if not isinstance(nonfinite, bool):
+        nonfinite = jnp.asarray(nonfinite)
+        if nonfinite.shape != () or nonfinite.dtype != jnp.bool_:
+            raise ValueError(f"nonfinite must be a bool, got {nonfinite!r}")
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params: Any) -> SkipBadStepsState:
@@ -122,6 +127,7 @@ def skip_bad_steps(
     def update_fn(
         updates: Any, state: SkipBadStepsState, params: Any = None, **extra_args: Any
     ) -> tuple[Any, SkipBadStepsState]:
+        updates = _groups.as_float_updates(updates)
         ts = _groups.tree_stats(updates, axis_name, full=False)
         g = _groups.global_norm(ts).astype(jnp.float32)
         finite = _groups.all_finite(ts)
@@ -135,7 +141,9 @@ def skip_bad_steps(
         z = jnp.where(ready, (g - mean) / jnp.maximum(jnp.sqrt(var), _EPS), 0.0)
 
         bad = state.halt
-        if nonfinite:
+        if not isinstance(nonfinite, bool):
+            bad = bad | (nonfinite & ~finite)
+        elif nonfinite:
             bad = bad | ~finite
         if spike_z is not None:
             bad = bad | (ready & finite & (z > spike_z))
@@ -158,7 +166,7 @@ def skip_bad_steps(
         halt = state.halt
         if max_consecutive is not None:
             halt = halt | (consecutive >= max_consecutive)
-        return out, SkipBadStepsState(
+        new_state = SkipBadStepsState(
             inner_state=inner_state,
             norms=norms,
             good=state.good + good_step.astype(jnp.int32),
@@ -168,5 +176,6 @@ def skip_bad_steps(
             halt=halt,
             z=z,
         )
+        return out, _groups.keep_dtypes(new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

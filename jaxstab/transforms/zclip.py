@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxstab import stat_names as S
 from jaxstab.transforms import _groups
 from jaxstab.transforms.clip_by_global_norm import clip_leaf
 
@@ -37,20 +38,20 @@ class ZClipState(NamedTuple):
 
     def _jaxstab_stats(self) -> dict[str, jax.Array]:
         return {
-            "zclip/count": self.count,
-            "zclip/mean": self.mean,
-            "zclip/std": jnp.sqrt(self.var),
-            "zclip/pre_norm": self.pre_norm,
-            "zclip/z": self.z,
-            "zclip/clipped": self.clipped,
-            "zclip/scale": self.scale,
+            S.ZCLIP_COUNT: self.count,
+            S.ZCLIP_MEAN: self.mean,
+            S.ZCLIP_STD: jnp.sqrt(self.var),
+            S.ZCLIP_PRE_NORM: self.pre_norm,
+            S.ZCLIP_Z: self.z,
+            S.ZCLIP_CLIPPED: self.clipped,
+            S.ZCLIP_SCALE: self.scale,
         }
 
 
 def zclip(
-    alpha: float = 0.97,
-    z_threshold: float = 2.5,
-    warmup_steps: int = 25,
+    alpha: jax.typing.ArrayLike = 0.97,
+    z_threshold: jax.typing.ArrayLike = 2.5,
+    warmup_steps: jax.typing.ArrayLike = 25,
     *,
     axis_name: str | None = None,
 ) -> optax.GradientTransformation:
@@ -73,6 +74,9 @@ def zclip(
       alpha: EMA decay in (0, 1).
       z_threshold: z-score above which the gradient is clipped (> 0).
       warmup_steps: number of finite steps that initialise the statistics (>= 1).
+
+    The three hyperparameters may be arrays or traced values
+    (``optax.inject_hyperparams``); only concrete values are checked.
       axis_name: under ``shard_map``/``pmap``, norms are reduced across this axis.
 
     >>> import jax.numpy as jnp, optax, jaxstab
@@ -83,11 +87,9 @@ def zclip(
     >>> round(float(out["w"][0]), 3), bool(jaxstab.read_stats(state)["zclip/clipped"])
     (1.204, True)
     """
-    if not 0.0 < float(alpha) < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    _groups.check_range("alpha", alpha, 0.0, 1.0)
     _groups.check_positive("z_threshold", z_threshold)
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-        raise ValueError(f"warmup_steps must be a positive int, got {warmup_steps!r}")
+    _groups.check_count("warmup_steps", warmup_steps, 1)
 
     def init_fn(params: Any) -> ZClipState:
         del params
@@ -104,6 +106,7 @@ def zclip(
 
     def update_fn(updates: Any, state: ZClipState, params: Any = None) -> tuple[Any, ZClipState]:
         del params
+        updates = _groups.as_float_updates(updates)
         ts = _groups.tree_stats(updates, axis_name, full=False)
         g = _groups.global_norm(ts).astype(jnp.float32)
         finite = _groups.all_finite(ts)
@@ -134,6 +137,6 @@ def zclip(
             clipped=clip,
             scale=scale,
         )
-        return out, new_state
+        return out, _groups.keep_dtypes(new_state, state)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxstab import stat_names as S
 from jaxstab.transforms import _groups
 
 
@@ -23,8 +24,8 @@ class ZeroNonfiniteState(NamedTuple):
     total: jax.Array
 
     def _jaxstab_stats(self) -> dict[str, jax.Array]:
-        out = {f"nonfinite/count/{g}": c for g, c in self.count.items()}
-        out["nonfinite/steps"] = self.total
+        out = {S.group_stat(S.NONFINITE_COUNT, g): c for g, c in self.count.items()}
+        out[S.NONFINITE_STEPS] = self.total
         return out
 
 
@@ -47,7 +48,7 @@ def zero_nonfinite(
     >>> out["w"].tolist(), int(jaxstab.read_stats(state)["nonfinite/count/w"])
     ([1.0, 0.0, 0.0, 0.0], 3)
     """
-    _groups.check_group_depth(group_depth)
+    group_depth = _groups.check_group_depth(group_depth)
 
     def init_fn(params: Any) -> ZeroNonfiniteState:
         groups, _ = _groups.group_layout(params, group_depth)
@@ -59,12 +60,14 @@ def zero_nonfinite(
         updates: Any, state: ZeroNonfiniteState, params: Any = None
     ) -> tuple[Any, ZeroNonfiniteState]:
         del params
+        updates = _groups.as_float_updates(updates)
         groups, members = _groups.group_layout(updates, group_depth)
         ts = _groups.tree_stats(updates, axis_name, full=False)
         bad = ts.nan + ts.inf
         count = {g: _groups.group_sum(bad, idx) for g, idx in zip(groups, members, strict=True)}
         any_bad = jnp.sum(bad) > 0
         out = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x)), updates)
-        return out, ZeroNonfiniteState(count, state.total + any_bad.astype(jnp.int32))
+        new_state = ZeroNonfiniteState(count, state.total + any_bad.astype(jnp.int32))
+        return out, _groups.keep_dtypes(new_state, state)
 
     return optax.GradientTransformation(init_fn, update_fn)
