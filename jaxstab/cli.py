@@ -10,10 +10,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from jaxstab import __version__
 
-EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
+EXIT_BAD_INPUT, EXIT_FAILED, EXIT_UNSTABLE = 2, 1, 3
+EPILOG = (
+    "exit codes: 0 ok; 1 other failure; 2 bad input or refused (nothing trained); "
+    "3 explosion or non-finite loss detected"
+)
 
 
 def _run_options() -> argparse.ArgumentParser:
@@ -48,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxstab",
         description="Training-stability tools for JAX/Flax: diagnose exploding and NaN gradients.",
+        epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"jaxstab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -75,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train with orbax checkpoints (best and latest) and a progress bar.",
     )
     t.add_argument("--output-dir", help="run directory (default: runs/<model>-train)")
-    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    t.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the latest verified checkpoint (an error when there is none); "
+        "only --epochs, --steps-per-call and --no-progress may differ from the first run",
+    )
 
     c = sub.add_parser(
         "compare",
@@ -110,9 +121,16 @@ def _run(args: argparse.Namespace) -> int:
 
     suffix = "diagnosis" if args.command == "diagnose" else "train"
     out = args.output_dir or os.path.join("runs", f"{args.model}-{suffix}")
-    if args.steps_per_call is not None and args.steps_per_call < 1:
-        return _error("--steps-per-call must be a positive integer")
     try:
+        options = {"steps_per_call": args.steps_per_call}
+        if args.command == "diagnose":
+            options |= {
+                "total_warning": args.warn_norm,
+                "total_danger": args.danger_norm,
+                "group_warning": args.group_warn_norm,
+                "group_danger": args.group_danger_norm,
+            }
+        diag.check_options(options)
         job = diag.prepare(args.model, args.data, out, _overrides(args))
     except KeyError as e:
         return _error(e.args[0] if e.args else str(e))
@@ -135,9 +153,18 @@ def _run(args: argparse.Namespace) -> int:
             explosion=float(job.config["explosion_norm"] or float("inf")),
         )
         report = diag.diagnose(job, thresholds=th, **common)
-        return 0 if report["status"] == "ok" else 3
-    summary = diag.train(job, resume=args.resume, **common)
-    return 0 if summary["status"] == "ok" else 3
+        return 0 if report["status"] == "ok" else EXIT_UNSTABLE
+    from jaxstab.train.checkpoint import CheckpointError
+
+    try:
+        summary = diag.train(job, resume=args.resume, **common)
+    except CheckpointError as e:
+        return _error(str(e))
+    return 0 if summary["status"] == "ok" else EXIT_UNSTABLE
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"jaxstab: warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:
             return _error(str(e))
         return 0
-    return _run(args)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        return _run(args)
 
 
 if __name__ == "__main__":

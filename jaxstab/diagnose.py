@@ -16,7 +16,10 @@ Example:
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -35,6 +38,7 @@ from jaxstab.registry import Dataset, ModelEntry
 from jaxstab.report import plots, report_json, tables
 from jaxstab.report.thresholds import Thresholds
 from jaxstab.train import FitResult, fit
+from jaxstab.train.checkpoint import CheckpointError
 
 ARTIFACTS = (
     "gradient_stats.csv",
@@ -45,7 +49,17 @@ ARTIFACTS = (
     "feature_changes.png",
     "checkpoints",
 )
-RUN_MARKERS = ("diagnosis_report.json", "train_summary.json")
+RUN_MARKER = "jaxstab_run.json"
+RUN_MARKERS = (RUN_MARKER, "diagnosis_report.json", "train_summary.json")
+_POSITIVE_INTS = ("epochs", "batch_size", "steps_per_call")
+_POSITIVE_FLOATS = (
+    "lr",
+    "explosion_norm",
+    "total_warning",
+    "total_danger",
+    "group_warning",
+    "group_danger",
+)
 EVAL_FRACTION, MIN_EVAL_SIZE = 0.1, 50
 
 
@@ -72,10 +86,9 @@ def prepare(model: str, data: str | None, output_dir: str, overrides: Mapping[st
     config.setdefault("explosion_norm", 100.0)
     config["model"], config["data"] = model, data
     for name in ("epochs", "batch_size"):
-        if name not in config or int(config[name]) < 1:
+        if name not in config:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
-    if float(config.get("lr", 1e-3)) <= 0:
-        raise ValueError("--lr must be positive")
+    check_options(config)
     out = os.path.abspath(output_dir)
     if os.path.exists(out) and (
         not os.path.isdir(out)
@@ -93,6 +106,68 @@ def prepare(model: str, data: str | None, output_dir: str, overrides: Mapping[st
     if not isinstance(dataset, Dataset) or len(dataset) == 0:
         raise ValueError(f"model {model!r} returned no training data")
     return Job(entry, dataset, config, out)
+
+
+_FLAGS = {
+    "total_warning": "--warn-norm",
+    "total_danger": "--danger-norm",
+    "group_warning": "--group-warn-norm",
+    "group_danger": "--group-danger-norm",
+}
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """Refuses a numeric option that is not finite and positive (``ValueError`` naming it).
+
+    Integers (``epochs``, ``batch_size``, ``steps_per_call``) must be positive integers;
+    ``lr``, ``explosion_norm`` and the warning/danger levels finite and > 0; ``grad_clip``
+    ``0`` (no clipping) or finite and > 0; ``seed`` an integer in ``[0, 2**32)``. ``None``
+    means the default and is accepted.
+
+    >>> check_options({"lr": 1e-3, "grad_clip": 0, "epochs": 2})
+    >>> check_options({"lr": float("nan")})
+    Traceback (most recent call last):
+    ValueError: --lr must be a finite number > 0, got nan
+    """
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name in _POSITIVE_INTS or name == "seed":
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if name == "seed":
+                if not ok or not 0 <= int(value) < 2**32:
+                    raise ValueError(f"--seed must be an integer in [0, 2**32), got {value!r}")
+            elif not ok or int(value) < 1:
+                raise ValueError(f"{_flag(name)} must be a positive integer, got {value!r}")
+        elif name in _POSITIVE_FLOATS or name == "grad_clip":
+            real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            x = float(value) if real else math.nan
+            if name == "grad_clip" and real and x == 0:
+                continue
+            if not (real and math.isfinite(x) and x > 0):
+                extra = " (0: no clipping)" if name == "grad_clip" else ""
+                raise ValueError(f"{_flag(name)} must be a finite number > 0{extra}, got {value!r}")
+
+
+def write_run_marker(directory: str, command: str, config: Mapping[str, Any]) -> None:
+    """Writes ``jaxstab_run.json`` (command, model, config, version, time) when a run starts."""
+    marker = report_json.jsonable(
+        {
+            "command": command,
+            "model": config.get("model"),
+            "config": dict(config),
+            "jaxstab_version": jaxstab.__version__,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+    )
+    tmp = os.path.join(directory, f".{RUN_MARKER}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(marker, f, indent=1)
+    os.replace(tmp, os.path.join(directory, RUN_MARKER))
 
 
 # Config keys the optimizer never reads; left out of the cache key below.
@@ -315,10 +390,20 @@ def train(
     progress: bool = True,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Trains without per-step recording; keeps orbax checkpoints and ``train_summary.json``."""
+    """Trains without per-step recording; keeps orbax checkpoints and ``train_summary.json``.
+
+    The run marker ``jaxstab_run.json`` is written before the first step, so a killed run can
+    be continued with ``resume=True``. ``resume`` into a folder that does not exist, or with
+    no verified checkpoint, raises ``CheckpointError``.
+    """
     console = console or Console()
     config = {**job.config, "guard": guard}
+    check_options({"steps_per_call": steps_per_call})
+    if resume and not os.path.isdir(job.output_dir):
+        raise CheckpointError(f"nothing to resume: {job.output_dir} does not exist")
     os.makedirs(job.output_dir, exist_ok=True)
+    if not resume:
+        write_run_marker(job.output_dir, "train", config)
     result = _train(
         job._replace(config=config),
         guard=guard,

@@ -140,7 +140,7 @@ def fit(
         naming both steps, and deleted); the run key is then the checkpointed one. Raises
         ``CheckpointError`` when there is no verified checkpoint, or when it was written with
         another ``batch_size`` or number of examples. Without ``resume`` a ``checkpoint_dir``
-        that already holds checkpoints is refused (``ValueError``) before any step.
+        that already holds checkpoints is refused (``CheckpointError``) before any step.
       explosion_norm: stop when the global gradient norm exceeds it or is non-finite
         (``None``: never).
       record: keep every ``jaxstab.read_stats`` value per step in ``history``.
@@ -176,7 +176,7 @@ def fit(
     run_facts = {"batch_size": int(batch_size), "n_examples": int(n)}
     if store is not None and not resume and any(store.steps(k) for k in ("latest", "best")):
         store.close()
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint_dir {store.directory} already holds checkpoints; resume=True continues "
             "them, or use an empty directory"
         )

@@ -348,3 +348,70 @@ def test_cfmvc_end_to_end(tmp_path):
     assert {"library_mean", "x_col0_max", "suspicious_features"} <= set(feats[0])
     for name in PNGS:
         assert float(matplotlib.image.imread(out / name)[..., :3].var()) > 0
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--lr", "nan"),
+        ("--lr", "inf"),
+        ("--lr", "-1"),
+        ("--grad-clip", "-1"),
+        ("--grad-clip", "nan"),
+        ("--explosion-norm", "-1"),
+        ("--warn-norm", "0"),
+        ("--danger-norm", "inf"),
+        ("--steps-per-call", "0"),
+        ("--batch-size", "0"),
+    ],
+)
+def test_bad_numeric_option_is_refused_before_any_step(flag, value, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["diagnose", *BASE, flag, value, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxstab: error:") and "\n" not in err and flag in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_train_twice_and_resume_without_checkpoint_are_one_line_errors(tmp_path, capsys):
+    out = tmp_path / "t"
+    assert main(["train", *BASE, "--epochs", "1", "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", *BASE, "--epochs", "1", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "already holds checkpoints" in err
+    missing = tmp_path / "never"
+    assert main(["train", *BASE, "--resume", "--output-dir", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "does not exist" in err and not missing.exists()
+
+
+_CRASH_RUNNER = (
+    "import runpy, sys; runpy.run_path(sys.argv[1]); "
+    "from jaxstab.cli import main; sys.exit(main(sys.argv[2:]))"
+)
+
+
+def test_killed_train_resumes_bit_for_bit(tmp_path):
+    """The process dies right after epoch 1's checkpoint (the loop's testing hook)."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = [sys.executable, "-c", _CRASH_RUNNER, os.path.abspath(__file__), "train", *BASE]
+    env = {**os.environ, "PYTHONPATH": repo}
+    out, ref = tmp_path / "crash", tmp_path / "ref"
+    killed = subprocess.run(
+        [*run, "--output-dir", str(out)],
+        env={**env, "JAXSTAB_EXIT_AFTER_EPOCH": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == 137, killed.stderr
+    assert not (out / "train_summary.json").exists()
+    assert (out / "jaxstab_run.json").exists()
+    assert main(["train", *BASE, "--resume", "--output-dir", str(out)]) == 0
+    assert main(["train", *BASE, "--output-dir", str(ref)]) == 0
+    got = json.loads((out / "train_summary.json").read_text())
+    want = json.loads((ref / "train_summary.json").read_text())
+    assert got["steps"] == want["steps"] and got["epochs_completed"] == 3
+    assert got["final_loss"] == want["final_loss"]
+    assert got["epoch_history"] == want["epoch_history"]
