@@ -1,7 +1,7 @@
 """Single-cell perturbation data for CFM-VC: a count simulator and a validated AnnData loader.
 
-The loader turns an ``anndata.AnnData`` into a :class:`jaxstab.registry.Dataset` with the
-arrays the model consumes:
+The loader turns an ``anndata.AnnData`` (or an ``.h5ad`` file) into a
+:class:`jaxstab.registry.Dataset` with the arrays the model consumes:
 
 - ``x``: raw counts ``[N, G]`` float32 (the encoder applies ``log1p`` itself);
 - ``p``: perturbation one-hot ``[N, P]`` float32, the control label mapping to all zeros;
@@ -9,7 +9,21 @@ arrays the model consumes:
 - ``spatial``: coordinates ``[N, D]`` float32, only when ``obsm["spatial"]`` exists.
 
 Everything is checked before the first training step; a problem raises ``ValueError`` naming
-the field and the first bad cell (its index and its obs name).
+the field and the first bad cell (its index and its obs name). Counts are checked as the model
+will see them: a sparse matrix (CSR or CSC) first has its duplicate entries summed, on a copy,
+so it takes the same path as a dense one, and every value must be a finite non-negative integer
+that stays finite once cast to float32. The caller's AnnData is never modified.
+
+Control label: the cells of the control condition get the all-zero perturbation vector.
+``load_anndata(..., control=LABEL)`` names it; ``LABEL`` is compared with the labels in
+``obs["perturbation"]`` in their own type, so ``control=0`` and ``control="0"`` both find the
+integer label ``0``, a category ``0`` or the string ``"0"``. With ``control="auto"`` (the
+default) a label is the control when, lower-cased and with spaces, ``-``, ``_`` and ``.``
+removed, it is one of :data:`CONTROL_LABELS`: ``control``, ``ctrl``, ``ctl``,
+``non-targeting``, ``non-target``, ``NT``, ``NTC``, ``negative control``, ``neg ctrl``,
+``scramble``, ``scrambled``, ``unperturbed``, ``vehicle``, ``DMSO``. When none is found the
+loader does not guess: ``meta["control"]`` is ``None``, every label gets its own column and
+``meta["warnings"]`` says so. ``control=None`` asks for that layout without a warning.
 
 Example:
   >>> adata = simulate(200, 50, n_perturbations=3, seed=0)
@@ -20,19 +34,43 @@ Example:
 
 from __future__ import annotations
 
+import numbers
+import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from jaxstab.registry import Dataset
 
-# Labels recognised as the unperturbed condition when ``control="auto"`` (case-insensitive).
-CONTROL_LABELS: tuple[str, ...] = ("control", "ctrl", "non-targeting", "nontargeting", "nt")
+# Labels recognised as the unperturbed condition when ``control="auto"``. A label matches when
+# it equals one of these after both are lower-cased and stripped of spaces, "-", "_" and ".".
+CONTROL_LABELS: tuple[str, ...] = (
+    "control",
+    "ctrl",
+    "ctl",
+    "non-targeting",
+    "non-target",
+    "NT",
+    "NTC",
+    "negative control",
+    "neg ctrl",
+    "scramble",
+    "scrambled",
+    "unperturbed",
+    "vehicle",
+    "DMSO",
+)
 OBS_KEYS: tuple[str, ...] = ("perturbation", "batch", "cell_type")
+# The dtype the model trains in: counts and coordinates are checked after the cast to it.
+TRAIN_DTYPE = np.float32
+# Dense counts are checked this many values at a time (bounded temporary memory).
+_CHUNK = 1 << 22
 
 
 def simulate(
@@ -127,6 +165,34 @@ def _cell(adata: ad.AnnData, i: int) -> str:
     return f"cell {i} ({adata.obs_names[i]!r})"
 
 
+def _listing(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
+
+
+def _read_h5ad(path: str | os.PathLike[str]) -> ad.AnnData:
+    """Reads an ``.h5ad`` file; every failure is one error that names the file."""
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise FileNotFoundError(f"file {name!r} does not exist")
+    if os.path.isdir(name):
+        raise ValueError(f"{name!r} is a directory, not an .h5ad file")
+    if not os.access(name, os.R_OK):
+        raise PermissionError(f"file {name!r} is not readable (permission denied)")
+    if os.path.getsize(name) == 0:
+        raise ValueError(f"file {name!r} is empty (0 bytes); expected an .h5ad file")
+    if not h5py.is_hdf5(name):
+        raise ValueError(f"file {name!r} is not an HDF5 file; expected an .h5ad file")
+    try:
+        return ad.read_h5ad(name)
+    except MemoryError:
+        raise
+    except Exception as e:  # h5py and anndata raise OSError, KeyError, TypeError, ...
+        lines = str(e).strip().splitlines()
+        reason = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        raise ValueError(f"file {name!r} is not a readable .h5ad file ({reason})") from e
+
+
 def _first_bad_row_dense(bad: np.ndarray) -> tuple[int, int] | None:
     rows = bad.any(axis=1)
     if not rows.any():
@@ -135,120 +201,255 @@ def _first_bad_row_dense(bad: np.ndarray) -> tuple[int, int] | None:
     return i, int(np.argmax(bad[i]))
 
 
-def _check_counts(adata: ad.AnnData, counts: Any, key: str) -> np.ndarray:
-    field = f"layers[{key!r}]"
+def _require_real(field: str, dtype: np.dtype) -> None:
+    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise TypeError(f"{field} must hold real numbers, got dtype {dtype}")
+
+
+def _to_train_dtype(values: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is reported later
+        return values.astype(TRAIN_DTYPE)
+
+
+def _first_bad_count(values: np.ndarray, cast: np.ndarray) -> int | None:
+    """Flat index of the first value that is not a non-negative integer, finite in float32."""
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(cast) | (values < 0)
+        if np.issubdtype(values.dtype, np.floating):
+            bad |= values != np.floor(values)
+    flat = bad.reshape(-1)
+    return int(np.argmax(flat)) if flat.any() else None
+
+
+def _describe(value: Any, cast: Any) -> tuple[str, str]:
+    """What is wrong with a bad count, and its value (and float32 value)."""
+    if not np.isfinite(value):
+        return "a non-finite value", f"value {value}"
+    if value < 0:
+        return "a negative value", f"value {value}"
+    if not np.isfinite(cast):
+        return "a value too large for float32", f"value {value}, {cast} in float32"
+    return "a non-integer value", f"value {value}"
+
+
+def _bad_count(adata: ad.AnnData, field: str, i: int, j: int, value: Any, cast: Any) -> ValueError:
+    what, detail = _describe(value, cast)
+    return ValueError(
+        f"{field} has {what} at {_cell(adata, i)}, gene {j} ({adata.var_names[j]!r}): "
+        f"{detail}; counts must be non-negative integers, finite in float32"
+    )
+
+
+def _counts_source(adata: ad.AnnData, counts_key: str | None) -> tuple[Any, str]:
+    if counts_key is None:
+        if adata.X is None:
+            raise ValueError("X is missing (counts_key=None reads the counts from X)")
+        return adata.X, "X"
+    field = f"layers[{counts_key!r}]"
+    if counts_key not in adata.layers:
+        hint = "; counts_key=None reads X" if adata.X is not None else ""
+        raise ValueError(f"{field} is missing; layers present: {list(adata.layers.keys())}{hint}")
+    return adata.layers[counts_key], field
+
+
+def _check_counts(adata: ad.AnnData, counts: Any, field: str) -> np.ndarray:
+    """The counts as a dense float32 array, after checking every value in that dtype.
+
+    Dense, CSR and CSC input take the same path: a sparse matrix is first made canonical on a
+    private copy (duplicate entries summed in at least float64, indices sorted), so a cell's
+    value is checked as the model will see it. The caller's matrix is left untouched.
+    """
     shape = tuple(np.shape(counts))
     if shape != (adata.n_obs, adata.n_vars):
         raise ValueError(f"{field} has shape {shape} but the AnnData is {adata.shape}")
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"{field} is empty (shape {shape})")
+    n_genes = adata.n_vars
     if sp.issparse(counts):
-        csr = sp.csr_matrix(counts)
-        values, indptr = csr.data, csr.indptr
+        _require_real(field, counts.dtype)
+        csr = sp.csr_matrix(counts.copy())
+        csr = csr.astype(np.result_type(csr.dtype, np.float64), copy=False)
+        csr.sum_duplicates()
+        data = _to_train_dtype(csr.data)
+        k = _first_bad_count(csr.data, data)
+        if k is not None:  # canonical CSR is row-major: the first hit is in the first bad row
+            i = int(np.searchsorted(csr.indptr, k, side="right") - 1)
+            raise _bad_count(adata, field, i, int(csr.indices[k]), csr.data[k], data[k])
+        x = sp.csr_matrix((data, csr.indices, csr.indptr), shape=shape).toarray()
     else:
-        values, indptr = np.asarray(counts), None
-    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(
-        values.dtype, np.complexfloating
-    ):
-        raise TypeError(f"{field} must hold real numbers, got dtype {values.dtype}")
-    values = values.astype(np.float64, copy=False)
-    checks = (
-        ("a non-finite value", lambda v: ~np.isfinite(v)),
-        ("a negative value", lambda v: v < 0),
-        ("a non-integer value", lambda v: v != np.round(v)),
-    )
-    for what, test in checks:
-        with np.errstate(invalid="ignore"):
-            bad = test(values)
-        if indptr is None:
-            hit = _first_bad_row_dense(bad)
-        elif bad.any():
-            k = int(np.argmax(bad))  # CSR data is row-major: the first hit is in the first row
-            row = int(np.searchsorted(indptr, k, side="right") - 1)
-            hit = (row, int(csr.indices[k]))
-        else:
-            hit = None
-        if hit is not None:
-            i, j = hit
-            value = csr[i, j] if indptr is not None else values[i, j]
-            raise ValueError(
-                f"{field} has {what} ({value}) at {_cell(adata, i)}, gene {j} "
-                f"({adata.var_names[j]!r}); counts must be finite non-negative integers"
-            )
-    dense = csr.toarray() if indptr is not None else values
-    return np.ascontiguousarray(dense, dtype=np.float32)
+        values = np.asarray(counts)
+        _require_real(field, values.dtype)
+        x = np.empty(shape, TRAIN_DTYPE)
+        step = max(1, _CHUNK // n_genes)
+        for r0 in range(0, shape[0], step):
+            block = values[r0 : r0 + step]
+            x[r0 : r0 + step] = cast = _to_train_dtype(block)
+            k = _first_bad_count(block, cast)
+            if k is not None:
+                i, j = divmod(k, n_genes)
+                raise _bad_count(adata, field, r0 + i, j, block[i, j], cast[i, j])
+    with np.errstate(over="ignore"):
+        totals = x.sum(axis=1, dtype=TRAIN_DTYPE)
+    if not np.isfinite(totals).all():
+        i = int(np.argmax(~np.isfinite(totals)))
+        total = float(x[i].astype(np.float64).sum())
+        raise ValueError(
+            f"{field} has a total count too large for float32 ({total:g}) at {_cell(adata, i)}"
+        )
+    return x
 
 
-def _codes(adata: ad.AnnData, key: str) -> tuple[np.ndarray, list[str]]:
+def _codes(adata: ad.AnnData, key: str) -> tuple[np.ndarray, list[str], list[Any]]:
+    """Integer codes, the label names (as strings) and each name's label as stored in obs."""
     field = f"obs[{key!r}]"
     if key not in adata.obs:
         raise ValueError(f"{field} is missing; required keys: {list(OBS_KEYS)}")
-    col = adata.obs[key]
-    labels = col.astype(object)
+    labels = adata.obs[key].astype(object)
     empty = labels.isna().to_numpy() | (labels.astype(str).str.strip() == "").to_numpy()
     if empty.any():
         i = int(np.argmax(empty))
         raise ValueError(f"{field} has an empty label at {_cell(adata, i)}")
     # Unused categories of a pandas Categorical are dropped: only observed labels get a code.
-    cat = pd.Categorical(labels.astype(str))
-    return cat.codes.astype(np.int32), [str(c) for c in cat.categories]
+    text = labels.astype(str).to_numpy()
+    names, first = np.unique(text, return_index=True)
+    raws = list(labels.to_numpy()[first])
+    order = np.arange(len(names))
+    if all(_is_number(r) for r in raws):  # numeric labels in numeric order: 2 before 10
+        order = np.argsort([float(r) for r in raws], kind="stable")
+    names = [str(names[o]) for o in order]
+    codes = pd.Categorical(text, categories=names).codes.astype(np.int32)
+    return codes, names, [raws[o] for o in order]
 
 
-def _find_control(names: Sequence[str], control: str | None) -> str | None:
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+
+
+def _normalise(label: str) -> str:
+    return re.sub(r"[\s_.\-]+", "", label.lower())
+
+
+_CONTROL_KEYS = frozenset(_normalise(n) for n in CONTROL_LABELS)
+
+
+def _same_label(raw: Any, control: str | int | float) -> bool:
+    """``control`` read in the type of the stored label ``raw``: 0, "0" and 0.0 find 0."""
+    if _is_number(raw):
+        try:
+            return float(control) == float(raw)
+        except (TypeError, ValueError):
+            return False
+    return str(raw) == str(control)
+
+
+def _find_control(
+    names: Sequence[str], raws: Sequence[Any], control: str | int | float | None
+) -> tuple[str | None, list[str]]:
+    """The control label's name (or None) and the warnings to pass on to the user."""
+    field = "obs['perturbation']"
     if control is None:
-        return None
-    if control != "auto":
-        if control not in names:
-            raise ValueError(f"obs['perturbation'] has no cell with the control label {control!r}")
-        return control
-    found = [n for n in names if n.lower() in CONTROL_LABELS]
+        return None, []
+    if isinstance(control, str) and control == "auto":
+        found = [n for n in names if _normalise(n) in _CONTROL_KEYS]
+        if len(found) > 1:
+            raise ValueError(
+                f"{field} has several control labels ({_listing(found)}); pass control=LABEL "
+                "(CLI: --control LABEL) to choose one"
+            )
+        if found:
+            return found[0], []
+        return None, [
+            f"no control label found in {field} (labels: {_listing(names)}); every cell is "
+            "treated as perturbed; pass control=LABEL (CLI: --control LABEL)"
+        ]
+    if not (isinstance(control, str) or _is_number(control)):
+        raise TypeError(f"control must be a label (str or int), 'auto' or None; got {control!r}")
+    found = [n for n, raw in zip(names, raws, strict=True) if _same_label(raw, control)]
+    if not found:
+        raise ValueError(
+            f"{field} has no cell with the control label {control!r} (labels: {_listing(names)})"
+        )
     if len(found) > 1:
-        raise ValueError(f"obs['perturbation'] has several control labels {found}; pass control=")
-    return found[0] if found else None
+        raise ValueError(f"control={control!r} matches several labels in {field}: {found}")
+    return found[0], []
+
+
+def _check_spatial(adata: ad.AnnData, coords: Any) -> np.ndarray:
+    field = "obsm['spatial']"
+    s = np.asarray(coords)
+    if s.ndim != 2 or s.shape[0] != adata.n_obs or s.shape[1] < 1:
+        raise ValueError(f"{field} has shape {s.shape}; expected ({adata.n_obs}, D) with D >= 1")
+    _require_real(field, s.dtype)
+    cast = _to_train_dtype(s)
+    hit = _first_bad_row_dense(~np.isfinite(cast))
+    if hit is not None:
+        i, j = hit
+        what = "a non-finite value" if not np.isfinite(s[i, j]) else "a value too large for float32"
+        raise ValueError(
+            f"{field} has {what} at {_cell(adata, i)}, column {j}: value {s[i, j]}, "
+            f"{cast[i, j]} in float32"
+        )
+    return cast
 
 
 def load_anndata(
-    source: str | ad.AnnData, *, counts_key: str = "counts", control: str | None = "auto"
+    source: str | os.PathLike[str] | ad.AnnData,
+    *,
+    counts_key: str | None = "counts",
+    control: str | int | None = "auto",
 ) -> Dataset:
     """Validates an AnnData (or an ``.h5ad`` path) and returns the model's arrays.
 
     Args:
       source: an ``anndata.AnnData`` or a path to an ``.h5ad`` file.
-      counts_key: the layer holding raw counts (dense or scipy sparse).
-      control: the control perturbation label (mapped to the zero one-hot); ``"auto"`` looks
-        for one of :data:`CONTROL_LABELS` (case-insensitive); ``None`` gives every label its
-        own one-hot column.
+      counts_key: the layer holding raw counts (dense, CSR or CSC); ``None`` reads ``X``.
+      control: the control perturbation label (mapped to the zero one-hot), a string or an
+        int compared with the labels in their own type; ``"auto"`` looks for one of
+        :data:`CONTROL_LABELS` and, finding none, adds a message to ``meta["warnings"]``;
+        ``None`` gives every label its own one-hot column.
 
     Returns:
       A :class:`jaxstab.registry.Dataset` with arrays ``x``, ``p``, ``batch``, ``cell_type``
       (and ``spatial``) and meta ``n_genes``, ``n_batches``, ``n_cell_types``,
       ``n_perturbations``, ``perturbations`` (one-hot column order), ``batches``,
-      ``cell_types``, ``control``, ``spatial_dim``, ``var_names`` and, for simulated data,
-      ``true_lfc`` ``[G, P]`` aligned with ``perturbations``.
+      ``cell_types``, ``control`` (the control's name as in ``perturbations``, a string, or
+      ``None``), ``warnings`` (a list of messages for the user, possibly empty),
+      ``spatial_dim``, ``var_names`` and, for simulated data, ``true_lfc`` ``[G, P]`` aligned
+      with ``perturbations``. Labels are named by their text: an integer label ``0`` is ``"0"``.
 
     Raises:
-      ValueError: missing keys, shape mismatches, negative / non-integer / non-finite counts,
-        empty labels or non-finite coordinates; the message names the field and the first bad
-        cell.
+      ValueError: missing keys, shape mismatches, negative / non-integer / non-finite counts
+        (checked after the cast to float32 and, for sparse input, after summing duplicate
+        entries), empty labels, an unknown control label or non-finite coordinates; the
+        message names the field and the first bad cell. A file that cannot be read as an
+        ``.h5ad`` gives a ``ValueError`` (``FileNotFoundError`` when missing) naming the file.
+      TypeError: counts or coordinates that are not real numbers.
 
     Example:
       >>> data = load_anndata(simulate(60, 10, n_perturbations=2))
       >>> data.meta["perturbations"], int(data.arrays["p"].sum(1).min())
       (['pert_0', 'pert_1'], 0)
+      >>> adata = simulate(60, 10, n_perturbations=2)
+      >>> adata.obs["perturbation"] = adata.obs["perturbation"].cat.codes.astype(int)
+      >>> load_anndata(adata).meta["warnings"][0][:54]
+      "no control label found in obs['perturbation'] (labels:"
+      >>> data = load_anndata(adata, control=0)
+      >>> data.meta["control"], data.meta["perturbations"], data.meta["warnings"]
+      ('0', ['1', '2'], [])
     """
-    adata = ad.read_h5ad(source) if isinstance(source, str) else source
-    if not isinstance(adata, ad.AnnData):
-        raise TypeError(f"source must be an AnnData or a path, got {type(adata).__name__}")
-    if counts_key not in adata.layers:
-        raise ValueError(
-            f"layers[{counts_key!r}] is missing; layers present: {list(adata.layers.keys())}"
-        )
-    x = _check_counts(adata, adata.layers[counts_key], counts_key)
-    pert, pert_names = _codes(adata, "perturbation")
-    batch, batch_names = _codes(adata, "batch")
-    ct, ct_names = _codes(adata, "cell_type")
+    if isinstance(source, str | os.PathLike):
+        adata = _read_h5ad(source)
+    elif isinstance(source, ad.AnnData):
+        adata = source
+    else:
+        raise TypeError(f"source must be an AnnData or a path, got {type(source).__name__}")
+    counts, field = _counts_source(adata, counts_key)
+    x = _check_counts(adata, counts, field)
+    pert, pert_names, pert_raws = _codes(adata, "perturbation")
+    batch, batch_names, _ = _codes(adata, "batch")
+    ct, ct_names, _ = _codes(adata, "cell_type")
 
-    ctrl = _find_control(pert_names, control)
+    ctrl, warnings = _find_control(pert_names, pert_raws, control)
     columns = [n for n in pert_names if n != ctrl]
     if not columns:
         raise ValueError("obs['perturbation'] holds only the control label; nothing to model")
@@ -261,16 +462,8 @@ def load_anndata(
     arrays: dict[str, np.ndarray] = {"x": x, "p": p, "batch": batch, "cell_type": ct}
     spatial_dim = None
     if "spatial" in adata.obsm:
-        s = np.asarray(adata.obsm["spatial"], dtype=np.float64)
-        if s.ndim != 2 or s.shape[0] != adata.n_obs or s.shape[1] < 1:
-            raise ValueError(
-                f"obsm['spatial'] has shape {s.shape}; expected ({adata.n_obs}, D) with D >= 1"
-            )
-        bad = _first_bad_row_dense(~np.isfinite(s))
-        if bad is not None:
-            raise ValueError(f"obsm['spatial'] has a non-finite value at {_cell(adata, bad[0])}")
-        arrays["spatial"] = s.astype(np.float32)
-        spatial_dim = int(s.shape[1])
+        arrays["spatial"] = _check_spatial(adata, adata.obsm["spatial"])
+        spatial_dim = int(arrays["spatial"].shape[1])
 
     meta: dict[str, Any] = {
         "n_genes": int(adata.n_vars),
@@ -281,6 +474,7 @@ def load_anndata(
         "batches": batch_names,
         "cell_types": ct_names,
         "control": ctrl,
+        "warnings": warnings,
         "spatial_dim": spatial_dim,
         "var_names": [str(v) for v in adata.var_names],
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import re
 
 import numpy as np
@@ -10,6 +11,7 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from models.cfmvc import data as data_mod
 from models.cfmvc.data import load_anndata, simulate
 
 
@@ -54,7 +56,7 @@ def test_load_arrays_and_vocabularies(adata):
     assert a["x"].dtype == np.float32 and a["p"].shape == (120, 3)
     assert a["batch"].dtype == np.int32 and a["cell_type"].dtype == np.int32
     assert data.meta["perturbations"] == ["pert_0", "pert_1", "pert_2"]
-    assert data.meta["control"] == "control"
+    assert data.meta["control"] == "control" and data.meta["warnings"] == []
     labels = adata.obs["perturbation"].to_numpy()
     # control → zero row, pert_k → one-hot column k
     assert np.all(a["p"][labels == "control"] == 0)
@@ -161,7 +163,7 @@ def test_shape_mismatch_and_types(adata):
 
     # AnnData itself refuses a mis-shaped layer; the loader's own check guards other callers.
     with pytest.raises(ValueError, match=re.escape("layers['counts'] has shape (119, 30)")):
-        _check_counts(adata, np.zeros((119, 30)), "counts")
+        _check_counts(adata, np.zeros((119, 30)), "layers['counts']")
     with pytest.raises(TypeError, match="AnnData or a path"):
         load_anndata(42)  # type: ignore[arg-type]
     c = adata.copy()
@@ -174,3 +176,8 @@ def test_only_control_is_rejected(adata):
     b = adata[adata.obs["perturbation"] == "control"].copy()
     with pytest.raises(ValueError, match="only the control"):
         load_anndata(b)
+
+
+def test_module_doctests():
+    result = doctest.testmod(data_mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 6 and result.failed == 0
