@@ -1,7 +1,8 @@
 """Numerical parity of the model ports with their PyTorch versions, at full size.
 
 ``python -m benchmarks.run --suite parity`` builds CFM-VC at the seed-002 sizes (2000 genes,
-default widths) on both sides, copies the PyTorch weights onto the Flax model with the
+default widths) on both sides, for ``CFMVCConfig.default()`` and ``CFMVCConfig.original()``,
+copies the PyTorch weights onto the Flax model with the
 converter, feeds both the same batch of 64 simulated cells and the same noise, and reports the
 largest relative error (max |ours − theirs| / max |theirs|) of each output and of the
 gradients of each stage's loss, against the tolerances the parity tests use (1e-5 values,
@@ -26,20 +27,26 @@ def _rel(a: Any, b: Any) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def _cfmvc(n_cells: int = 64, n_genes: int = 2000, seed: int = 0) -> dict[str, Any]:
+PRESETS = ("default", "original")
+
+
+def _cfmvc(
+    n_cells: int = 64, n_genes: int = 2000, seed: int = 0, preset: str = "default"
+) -> dict[str, Any]:
     import jax.numpy as jnp
     import torch
     from flax import nnx
 
     from benchmarks.torch_ref import cfmvc as tref
-    from models.cfmvc import CFMVC, load_anndata, simulate
+    from models.cfmvc import CFMVC, CFMVCConfig, load_anndata, simulate
     from models.cfmvc.losses import flow_terms, vae_terms
 
+    config = getattr(CFMVCConfig, preset)()
     n_pert, n_batch, n_ct = 10, 2, 3
     torch.manual_seed(seed)
-    tm = tref.CFMVCModel(n_genes, n_batch, n_ct, n_pert, bound="soft")
+    tm = tref.CFMVCModel(n_genes, n_batch, n_ct, n_pert, config)
     tm.eval()  # dropout off on both sides
-    model = CFMVC(n_genes, n_batch, n_ct, n_pert, rngs=nnx.Rngs(seed))
+    model = CFMVC(n_genes, n_batch, n_ct, n_pert, config, rngs=nnx.Rngs(seed))
     tref.torch_state_dict_to_nnx(tm.state_dict(), model)
     model.eval()
 
@@ -53,6 +60,7 @@ def _cfmvc(n_cells: int = 64, n_genes: int = 2000, seed: int = 0) -> dict[str, A
     eps_t = rng.normal(size=(n_cells, tm.dim_tech)).astype(np.float32)
     z0 = rng.normal(size=(n_cells, tm.dim_int)).astype(np.float32)
     t = rng.uniform(size=n_cells).astype(np.float32)
+    eps_f = rng.normal(size=(n_cells, tm.dim_int)).astype(np.float32)  # a 'sample' flow target
 
     def grad_error(ours: Any, groups: set[str]) -> float:
         ours = dict(nnx.to_flat_state(ours))
@@ -82,10 +90,15 @@ def _cfmvc(n_cells: int = 64, n_genes: int = 2000, seed: int = 0) -> dict[str, A
 
     # Stage 2: flow-matching loss, velocity and gradients.
     tm.zero_grad()
-    loss_t, v_t = tm.flow_step(x, p, b, c, torch.tensor(z0), torch.tensor(t), None)
+    loss_t, v_t = tm.flow_step(
+        x, p, b, c, torch.tensor(z0), torch.tensor(t), None, torch.tensor(eps_f)
+    )
     loss_t.backward()
-    (loss, aux), grads = _vg(flow_terms, model, jb, z0, t)
-    z_t = (1 - t)[:, None] * z0 + t[:, None] * np.asarray(enc.int_mean)
+    (loss, aux), grads = _vg(flow_terms, model, jb, z0, t, eps_f)
+    z1 = np.asarray(enc.int_mean)
+    if config.flow_target == "sample":
+        z1 = z1 + eps_f * np.exp(0.5 * np.asarray(enc.int_logvar))
+    z_t = (1 - t)[:, None] * z0 + t[:, None] * z1
     v = model.velocity(jnp.asarray(z_t), jnp.asarray(t), jb["p"], jb["batch"], jb["cell_type"])
     errors["flow_velocity"] = _rel(v, v_t.detach().numpy())
     errors["flow_loss"] = _rel(loss, loss_t.detach().numpy())
@@ -94,6 +107,7 @@ def _cfmvc(n_cells: int = 64, n_genes: int = 2000, seed: int = 0) -> dict[str, A
     kind = {k: "gradient" if k.endswith("gradients") else "value" for k in errors}
     return {
         "config": {
+            "preset": preset,
             "n_cells": n_cells,
             "n_genes": n_genes,
             "n_perturbations": n_pert,
@@ -115,10 +129,15 @@ def _vg(terms: Any, model: Any, jb: Any, *noise: np.ndarray) -> tuple[Any, Any]:
 
 
 def run() -> dict[str, Any]:
-    """Every port's parity result, keyed by model name."""
+    """Every port's parity result, keyed by model name (CFM-VC at both presets)."""
     import torch
 
-    return {"torch": torch.__version__, "tolerances": TOLERANCES, "cfmvc": _cfmvc()}
+    return {
+        "torch": torch.__version__,
+        "tolerances": TOLERANCES,
+        "cfmvc": _cfmvc(),
+        "cfmvc-original": _cfmvc(preset="original"),
+    }
 
 
 def parity_markdown(result: dict[str, Any]) -> str:

@@ -193,7 +193,8 @@ def run_torch() -> dict[str, Any]:
             sched = schedule(seed, fault, order.shape[0])
             torch.manual_seed(seed)
             model = CFMVCModel(meta["n_genes"], meta["n_batches"], meta["n_cell_types"],
-                               meta["n_perturbations"], bound="clamp", **MODEL_KW)  # fmt: skip
+                               meta["n_perturbations"], logvar_bound="clip", mean_bound="clip",
+                               **MODEL_KW)  # fmt: skip
             model.train()
             params = list(model.encoder.parameters()) + list(model.decoder.parameters())
             opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)

@@ -1,18 +1,19 @@
 """CFM-VC in PyTorch, written from the same description as ``models.cfmvc``, with the guards
-of the seed-002 version: ``clamp`` bounds, ``eps``-protected NB log-likelihood with non-finite
-terms replaced by ``-1e6``, ``clip_grad_norm_`` and a per-parameter ``isfinite`` scan of the
-gradients every ``nan_check_interval`` batches.
+of the seed-002 version: ``eps``-protected NB log-likelihood with non-finite terms replaced by
+``-1e6``, ``clip_grad_norm_`` and a per-parameter ``isfinite`` scan of the gradients every
+``nan_check_interval`` batches.
 
-``bound="soft"`` swaps the two ``clamp`` bounds for the smooth ``soft_clip`` used by the Flax
-port, so both sides compute the same function (the parity tests use it); ``bound="clamp"`` is
-the seed's behaviour. :func:`torch_state_dict_to_nnx` copies weights onto the Flax model.
+It reads the same :class:`~models.cfmvc.config.CFMVCConfig` as the Flax port and implements
+every choice in it (input transform, the three bounds, flow target, control encoding, alpha
+gating), so parity is checked for ``CFMVCConfig.default()`` and ``CFMVCConfig.original()``.
+:func:`torch_state_dict_to_nnx` copies weights onto the Flax model.
 
 Example:
   >>> import torch
   >>> from flax import nnx
-  >>> from models.cfmvc import CFMVC
-  >>> torch_model = CFMVCModel(20, 2, 3, 4)
-  >>> model = CFMVC(20, 2, 3, 4, rngs=nnx.Rngs(0))
+  >>> from models.cfmvc import CFMVC, CFMVCConfig
+  >>> torch_model = CFMVCModel(20, 2, 3, 4, CFMVCConfig.small())
+  >>> model = CFMVC(20, 2, 3, 4, CFMVCConfig.small(), rngs=nnx.Rngs(0))
   >>> model = torch_state_dict_to_nnx(torch_model.state_dict(), model)
   >>> weight = torch_model.encoder.fc1.weight.detach().numpy()
   >>> bool((model.encoder.fc1.kernel[...] == weight.T).all())
@@ -34,25 +35,45 @@ import torch.nn.functional as F
 from flax import nnx
 from torch import nn
 
+from models.cfmvc.config import CFMVCConfig
+
 EMB_DIM = 8
 TIME_DIM = 16
 SPATIAL_OUT = 16
 EPS = 1e-8
 
 
-def soft_clip(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+def soft_clip(x: torch.Tensor, low: float, high: float, knee: float = 0.5) -> torch.Tensor:
     """Torch version of ``jaxstab.numerics.soft_clip`` (same formula)."""
     mid, half = 0.5 * (low + high), 0.5 * (high - low)
     z = (x - mid) / half
-    return mid + half * z * torch.rsqrt(1.0 + z * z)
+    a = z.abs()
+    u = (a - knee) / (1.0 - knee)
+    outer = mid + half * torch.sign(z) * (knee + (1.0 - knee) * u * torch.rsqrt(1.0 + u * u))
+    return torch.where(a <= knee, x, outer)
 
 
-def _bound(x: torch.Tensor, limit: float, mode: str) -> torch.Tensor:
-    if mode == "clamp":
+class _StraightThroughClamp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, limit):
         return torch.clamp(x, -limit, limit)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def bound(x: torch.Tensor, limit: float, mode: str) -> torch.Tensor:
+    """Torch version of ``models.cfmvc.model.bound``."""
     if mode == "soft":
         return soft_clip(x, -limit, limit)
-    raise ValueError(f"bound must be 'clamp' or 'soft', got {mode!r}")
+    if mode == "straight_through":
+        return _StraightThroughClamp.apply(x, limit)
+    if mode == "clip":
+        return torch.clamp(x, -limit, limit)
+    if mode == "none":
+        return x
+    raise ValueError(f"unknown bound mode {mode!r}")
 
 
 def _init_linear(module: nn.Module) -> None:
@@ -66,56 +87,67 @@ def _init_linear(module: nn.Module) -> None:
 
 
 class EncoderVAE(nn.Module):
-    def __init__(self, n_genes, n_batch, n_ct, dim_int=32, dim_tech=8, hidden=256, dropout=0.1,
-                 bound="clamp"):  # fmt: skip
+    def __init__(self, n_genes, n_batch, n_ct, config: CFMVCConfig):
         super().__init__()
-        self.bound = bound
+        c = self.config = config
         self.batch_emb = nn.Embedding(n_batch, EMB_DIM)
         self.ct_emb = nn.Embedding(n_ct, EMB_DIM)
-        self.fc1 = nn.Linear(n_genes + 2 * EMB_DIM, hidden)
-        self.dropout1 = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.dropout2 = nn.Dropout(dropout)
-        self.z_int_mean = nn.Linear(hidden, dim_int)
-        self.z_int_logvar = nn.Linear(hidden, dim_int)
-        self.z_tech_mean = nn.Linear(hidden, dim_tech)
-        self.z_tech_logvar = nn.Linear(hidden, dim_tech)
+        self.fc1 = nn.Linear(n_genes + 2 * EMB_DIM, c.hidden_vae)
+        self.dropout1 = nn.Dropout(c.dropout)
+        self.fc2 = nn.Linear(c.hidden_vae, c.hidden_vae)
+        self.dropout2 = nn.Dropout(c.dropout)
+        self.z_int_mean = nn.Linear(c.hidden_vae, c.dim_int)
+        self.z_int_logvar = nn.Linear(c.hidden_vae, c.dim_int)
+        self.z_tech_mean = nn.Linear(c.hidden_vae, c.dim_tech)
+        self.z_tech_logvar = nn.Linear(c.hidden_vae, c.dim_tech)
         _init_linear(self)
 
     def forward(self, x, batch_idx, ct_idx):
-        h = torch.cat([torch.log1p(x), self.batch_emb(batch_idx), self.ct_emb(ct_idx)], -1)
+        c = self.config
+        x_in = torch.log1p(x) if c.input_transform == "log1p" else x
+        h = torch.cat([x_in, self.batch_emb(batch_idx), self.ct_emb(ct_idx)], -1)
         h = self.dropout1(F.relu(self.fc1(h)))
         h = self.dropout2(F.relu(self.fc2(h)))
         return (
             self.z_int_mean(h),
-            _bound(self.z_int_logvar(h), 10.0, self.bound),
+            bound(self.z_int_logvar(h), c.logvar_limit, c.logvar_bound),
             self.z_tech_mean(h),
-            _bound(self.z_tech_logvar(h), 10.0, self.bound),
+            bound(self.z_tech_logvar(h), c.logvar_limit, c.logvar_bound),
         )
 
 
 class DecoderVAE(nn.Module):
-    def __init__(self, n_genes, dim_int=32, dim_tech=8, hidden=256, dropout=0.1, bound="clamp"):
+    def __init__(self, n_genes, config: CFMVCConfig):
         super().__init__()
-        self.bound = bound
-        self.fc1 = nn.Linear(dim_int + dim_tech, hidden)
-        self.dropout1 = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.dropout2 = nn.Dropout(dropout)
-        self.mean_out = nn.Linear(hidden, n_genes)
+        c = self.config = config
+        self.fc1 = nn.Linear(c.dim_int + c.dim_tech, c.hidden_vae)
+        self.dropout1 = nn.Dropout(c.dropout)
+        self.fc2 = nn.Linear(c.hidden_vae, c.hidden_vae)
+        self.dropout2 = nn.Dropout(c.dropout)
+        self.mean_out = nn.Linear(c.hidden_vae, n_genes)
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
         _init_linear(self)
 
     def forward(self, z_int, z_tech):
+        c = self.config
         h = torch.cat([z_int, z_tech], -1)
         h = self.dropout1(F.relu(self.fc1(h)))
         h = self.dropout2(F.relu(self.fc2(h)))
-        mean = torch.exp(_bound(self.mean_out(h), 20.0, self.bound))
-        return mean, torch.exp(self.log_theta)
+        mean = torch.exp(bound(self.mean_out(h), c.log_mean_limit, c.mean_bound))
+        return mean, torch.exp(bound(self.log_theta, c.log_theta_limit, c.theta_bound))
 
 
-def nb_log_likelihood(x, mean, theta, eps=EPS):
-    """Per-cell NB log-likelihood with the seed's eps guards; non-finite terms → -1e6."""
+def nb_log_likelihood(x, mean, theta, eps=EPS, exact=False):
+    """Per-cell NB log-likelihood with the seed's eps guards; non-finite terms → -1e6.
+
+    ``exact=True`` drops the guards (``nb_likelihood="exact"``; plain logs and lgamma)."""
+    if exact:
+        theta = theta.unsqueeze(0)
+        log_tm = torch.log(theta + mean)
+        log_p = (torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1.0)
+                 + theta * (torch.log(theta) - log_tm)
+                 + x * (torch.log(mean) - log_tm))  # fmt: skip
+        return log_p.sum(-1)
     mean = torch.clamp(mean, min=eps)
     theta = torch.clamp(theta, min=eps).unsqueeze(0)
     log_theta_mean = torch.log(theta + mean + eps)
@@ -130,9 +162,19 @@ def nb_log_likelihood(x, mean, theta, eps=EPS):
     return log_p.sum(-1)
 
 
+def encode_perturbation(p: torch.Tensor, config: CFMVCConfig) -> torch.Tensor:
+    """Torch version of ``models.cfmvc.model.encode_perturbation``."""
+    if config.control_encoding == "zero":
+        return p
+    k = config.control_column
+    control = 1.0 - p.sum(-1, keepdim=True)
+    return torch.cat([p[:, :k], control, p[:, k:]], -1)
+
+
 class ContextEncoder(nn.Module):
-    def __init__(self, n_batch, n_ct, p_dim, spatial_dim=None, hidden=64):
+    def __init__(self, n_batch, n_ct, p_dim, config: CFMVCConfig, spatial_dim=None):
         super().__init__()
+        c = self.config = config
         self.spatial_dim = spatial_dim
         self.batch_emb = nn.Embedding(n_batch, EMB_DIM)
         self.ct_emb = nn.Embedding(n_ct, EMB_DIM)
@@ -143,12 +185,13 @@ class ContextEncoder(nn.Module):
                 nn.Linear(SPATIAL_OUT, SPATIAL_OUT),
                 nn.ReLU(),
             )
-        dims = [p_dim + EMB_DIM, hidden, hidden, hidden]
+        width = p_dim + (1 if c.control_encoding == "column" else 0)
+        dims = [width + EMB_DIM, c.hidden_ctx, c.hidden_ctx, c.hidden_ctx]
         self.pert_mlp_layers = nn.ModuleList(
             [nn.Linear(a, b, bias=False) for a, b in itertools.pairwise(dims)]
         )
         self.context_dim = 2 * EMB_DIM + (SPATIAL_OUT if spatial_dim is not None else 0)
-        self.alpha_dim = hidden
+        self.alpha_dim = c.hidden_ctx
         _init_linear(self)
 
     def forward(self, p, batch_idx, ct_idx, spatial=None):
@@ -156,8 +199,9 @@ class ContextEncoder(nn.Module):
         parts = [self.batch_emb(batch_idx), ct_e]
         if self.spatial_dim is not None:
             parts.append(self.spatial_mlp(spatial))
-        gate = p.abs().amax(-1, keepdim=True)  # control (p = 0) → zero input → alpha = 0
-        h = torch.cat([p, gate * ct_e], -1)
+        if self.config.alpha_gating:  # control (p = 0) → zero input → alpha = 0
+            ct_e = p.abs().amax(-1, keepdim=True) * ct_e
+        h = torch.cat([encode_perturbation(p, self.config), ct_e], -1)
         for i, layer in enumerate(self.pert_mlp_layers):
             h = layer(h)
             if i < len(self.pert_mlp_layers) - 1:
@@ -166,7 +210,7 @@ class ContextEncoder(nn.Module):
 
 
 class FlowField(nn.Module):
-    def __init__(self, dim_int, context_dim, alpha_dim, hidden=128, n_basis=16):
+    def __init__(self, dim_int, context_dim, alpha_dim, hidden, n_basis):
         super().__init__()
         self.dim_int, self.n_basis = dim_int, n_basis
         self.time_mlp = nn.Sequential(
@@ -191,39 +235,53 @@ class FlowField(nn.Module):
 
 
 class CFMVCModel(nn.Module):
-    """The full model: ``encoder``, ``decoder``, ``context_encoder``, ``flow``."""
+    """The full model: ``encoder``, ``decoder``, ``context_encoder``, ``flow``.
 
-    def __init__(self, n_genes, n_batch, n_ct, n_perts, dim_int=32, dim_tech=8, hidden_vae=256,
-                 hidden_ctx=64, hidden_flow=128, n_basis=16, dropout=0.1, spatial_dim=None,
-                 bound="clamp"):  # fmt: skip
+    ``config`` defaults to ``CFMVCConfig.default()``; ``overrides`` replace its fields.
+    """
+
+    def __init__(self, n_genes, n_batch, n_ct, n_perts, config: CFMVCConfig | None = None, *,
+                 spatial_dim=None, **overrides):  # fmt: skip
         super().__init__()
-        self.dim_int, self.dim_tech = dim_int, dim_tech
-        self.encoder = EncoderVAE(n_genes, n_batch, n_ct, dim_int, dim_tech, hidden_vae, dropout,
-                                  bound)  # fmt: skip
-        self.decoder = DecoderVAE(n_genes, dim_int, dim_tech, hidden_vae, dropout, bound)
-        self.context_encoder = ContextEncoder(n_batch, n_ct, n_perts, spatial_dim, hidden_ctx)
-        self.flow = FlowField(dim_int, self.context_encoder.context_dim,
-                              self.context_encoder.alpha_dim, hidden_flow, n_basis)  # fmt: skip
+        c = (CFMVCConfig.default() if config is None else config).replace(**overrides)
+        self.config = c
+        self.dim_int, self.dim_tech = c.dim_int, c.dim_tech
+        self.encoder = EncoderVAE(n_genes, n_batch, n_ct, c)
+        self.decoder = DecoderVAE(n_genes, c)
+        self.context_encoder = ContextEncoder(n_batch, n_ct, n_perts, c, spatial_dim)
+        self.flow = FlowField(c.dim_int, self.context_encoder.context_dim,
+                              self.context_encoder.alpha_dim, c.hidden_flow, c.n_basis)  # fmt: skip
 
-    def vae_forward(self, x, batch_idx, ct_idx, eps_int=None, eps_tech=None, beta=1.0):
+    def vae_forward(self, x, batch_idx, ct_idx, eps_int=None, eps_tech=None, beta=None):
         """Returns ``(loss, nll, kl)``; the noise defaults to fresh ``randn``."""
+        beta = self.config.beta if beta is None else beta
         mu_i, lv_i, mu_t, lv_t = self.encoder(x, batch_idx, ct_idx)
         eps_int = torch.randn_like(mu_i) if eps_int is None else eps_int
         eps_tech = torch.randn_like(mu_t) if eps_tech is None else eps_tech
         mean, theta = self.decoder(mu_i + eps_int * torch.exp(0.5 * lv_i),
                                    mu_t + eps_tech * torch.exp(0.5 * lv_t))  # fmt: skip
-        nll = -nb_log_likelihood(x, mean, theta).mean()
+        exact = self.config.nb_likelihood == "exact"
+        nll = -nb_log_likelihood(x, mean, theta, exact=exact).mean()
         kl = (-0.5 * (1.0 + lv_i - mu_i.pow(2) - lv_i.exp()).sum(-1)
               - 0.5 * (1.0 + lv_t - mu_t.pow(2) - lv_t.exp()).sum(-1)).mean()  # fmt: skip
         return nll + beta * kl, nll, kl
 
-    def flow_step(self, x, p, batch_idx, ct_idx, z0, t, spatial=None):
-        """Flow-matching loss to the detached encoder mean; returns ``(loss, v)``."""
+    def flow_step(self, x, p, batch_idx, ct_idx, z0, t, spatial=None, eps=None):
+        """Flow-matching loss to the detached target (``config.flow_target``); ``(loss, v)``.
+
+        ``"mean"``: the encoder mean with the encoder in eval mode; ``"sample"``: the posterior
+        sample ``mean + eps · exp(logvar / 2)`` with the encoder in its current mode.
+        """
         with torch.no_grad():
-            was_training = self.encoder.training
-            self.encoder.eval()
-            z1 = self.encoder(x, batch_idx, ct_idx)[0].detach()
-            self.encoder.train(was_training)
+            if self.config.flow_target == "sample":
+                mu, lv = self.encoder(x, batch_idx, ct_idx)[:2]
+                z1 = mu + eps * torch.exp(0.5 * lv)
+            else:
+                was_training = self.encoder.training
+                self.encoder.eval()
+                z1 = self.encoder(x, batch_idx, ct_idx)[0]
+                self.encoder.train(was_training)
+        z1 = z1.detach()
         z_t = (1.0 - t).unsqueeze(-1) * z0 + t.unsqueeze(-1) * z1
         context, alpha = self.context_encoder(p, batch_idx, ct_idx, spatial)
         v = self.flow(z_t, t, context, alpha)
@@ -290,10 +348,10 @@ def train_stage1(
     arrays: Mapping[str, np.ndarray],
     *,
     epochs: int,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-5,
-    clip: float = 1.0,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    clip: float | None = None,
     nan_check_interval: int = 10,
     seed: int = 0,
     compile: bool = False,

@@ -2,15 +2,17 @@
 
 Example:
   >>> import jax
-  >>> from models.cfmvc import generate_expression, load_anndata, simulate, train_cfmvc
+  >>> from models.cfmvc import CFMVCConfig, generate_expression, load_anndata, simulate
+  >>> from models.cfmvc import train_cfmvc
   >>> data = load_anndata(simulate(256, 40, n_perturbations=2, seed=0))
-  >>> out = train_cfmvc(data, epochs=1, key=jax.random.key(0), config={"hidden_vae": 32})
+  >>> out = train_cfmvc(data, epochs=1, key=jax.random.key(0), config=CFMVCConfig.small())
   >>> cells = generate_expression(out.model, jax.numpy.array([-1, 0]), [0, 0], [0, 0],
   ...                             key=jax.random.key(1))
   >>> cells.expression.shape
   (2, 40)
 """
 
+from models.cfmvc.config import CFMVCConfig
 from models.cfmvc.data import load_anndata, simulate
 from models.cfmvc.generate import Generated, generate_expression
 from models.cfmvc.losses import flow_loss, joint_loss, mmd_rbf, vae_loss
@@ -31,6 +33,7 @@ __all__ = [
     "CFMVC",
     "ENTRY",
     "STAGES",
+    "CFMVCConfig",
     "ContextEncoder",
     "DecoderNB",
     "EncoderVAE",

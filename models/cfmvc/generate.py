@@ -57,11 +57,12 @@ def _one_hot(perturbation: jax.Array | np.ndarray, n: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n_steps", "use_mean"))
-def _generate(graphdef, state, p, batch, cell_type, spatial, library, key, n_steps, use_mean):
+def _generate(graphdef, state, p, batch, cell_type, spatial, library, key, z0, n_steps, use_mean):
     model = nnx.merge(graphdef, state)
     k_z, k_gamma, k_poisson = jax.random.split(key, 3)
     context, alpha = model.context_encoder(p, batch, cell_type, spatial)
-    z0 = jax.random.normal(k_z, (p.shape[0], model.dim_int))
+    if z0 is None:
+        z0 = jax.random.normal(k_z, (p.shape[0], model.dim_int))
     dt = 1.0 / n_steps
 
     def step(carry, i):
@@ -94,6 +95,7 @@ def generate_expression(
     key: jax.Array,
     spatial: jax.Array | None = None,
     library: jax.Array | None = None,
+    z0: jax.Array | None = None,
 ) -> Generated:
     """Generates cells: ``z0 ~ N(0, I)`` → Euler ``lax.scan`` over ``n_steps`` → decoder.
 
@@ -110,6 +112,8 @@ def generate_expression(
       key: PRNG key for the start noise (and the counts).
       spatial: ``[B, D]`` coordinates when the model has a spatial input.
       library: ``[B]`` library sizes when the model uses them.
+      z0: the start noise ``[B, dim_int]`` instead of drawing it from ``key`` (to compare
+        with another implementation from the same start).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -130,5 +134,9 @@ def generate_expression(
     for name, arr in (("batch", batch), ("cell_type", cell_type)):
         if arr.shape != (p.shape[0],):
             raise ValueError(f"{name} has shape {arr.shape}; expected ({p.shape[0]},)")
+    if z0 is not None and jnp.shape(z0) != (p.shape[0], model.dim_int):
+        raise ValueError(f"z0 has shape {jnp.shape(z0)}; expected ({p.shape[0]}, {model.dim_int})")
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, p, batch, cell_type, spatial, library, key, n_steps, use_mean)
+    return _generate(
+        graphdef, state, p, batch, cell_type, spatial, library, key, z0, n_steps, use_mean
+    )

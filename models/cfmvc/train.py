@@ -4,16 +4,17 @@ Stage ``"vae"`` trains encoder + decoder (β = 1); stage ``"flow"`` trains conte
 flow with the VAE frozen twice over: the optimizer sends ``optax.set_to_zero()`` updates to
 the VAE (so AdamW's weight decay cannot move it either) and the flow target is
 ``stop_gradient``-ed; the optional stage ``"joint"`` fine-tunes everything. Each stage uses
-``jaxstab.stability_guard(optax.adamw(lr, weight_decay=wd), clip=clip)`` on its trainable
-groups and first checks with ``jaxstab.gradient_flow_report`` that gradient reaches exactly
-those groups.
+``jaxstab.stability_guard(optax.adamw(lr, weight_decay=wd), clip=grad_clip)`` (settings from
+the model's :class:`~models.cfmvc.config.CFMVCConfig`) on its trainable groups and first
+checks with ``jaxstab.gradient_flow_report`` that gradient reaches exactly those groups.
 
 Example:
   >>> import jax
+  >>> from models.cfmvc.config import CFMVCConfig
   >>> from models.cfmvc.data import load_anndata, simulate
   >>> data = load_anndata(simulate(256, 40, n_perturbations=3, seed=0))
   >>> out = train_cfmvc(data, stages=("vae", "flow"), epochs=1, key=jax.random.key(0),
-  ...                   config={"hidden_vae": 32, "hidden_flow": 32})
+  ...                   config=CFMVCConfig.small())
   >>> [(name, r.fit.status) for name, r in out.stages.items()]
   [('vae', 'ok'), ('flow', 'ok')]
 """
@@ -33,37 +34,28 @@ import jaxstab
 from jaxstab.registry import Dataset, ModelEntry
 from jaxstab.train import FitResult, fit
 from models.cfmvc import losses
+from models.cfmvc.config import RUN_KEYS, CFMVCConfig
 from models.cfmvc.data import load_anndata, simulate
 from models.cfmvc.model import CFMVC
 
 GROUPS = ("encoder", "decoder", "context_encoder", "flow")
-# The NB likelihood is summed over genes, so healthy raw gradient norms are in the hundreds to
-# thousands (the guard clips them to ``clip``); ``fit``'s default explosion bound of 100 would
-# stop a normal run at its first step.
-EXPLOSION_NORM = 1e5
-MODEL_KEYS = (
-    "dim_int",
-    "dim_tech",
-    "hidden_vae",
-    "hidden_ctx",
-    "hidden_flow",
-    "n_basis",
-    "dropout",
-    "use_library_size",
-    "lambda_dist",
-)
+EXPLOSION_NORM = CFMVCConfig.default().explosion_norm  # the loop's stop bound (see the config)
 
 
 class StageConfig(NamedTuple):
-    """One training stage: which top-level groups train, on which loss, for how long."""
+    """One training stage: which top-level groups train, on which loss, for how long.
+
+    ``None`` hyperparameters come from the model's :class:`~models.cfmvc.config.CFMVCConfig`
+    (``epochs``, ``lr``, ``weight_decay``, ``grad_clip``).
+    """
 
     name: str
     trainable: tuple[str, ...]
     loss_fn: Callable
-    epochs: int = 50
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    clip: float = 1.0
+    epochs: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    clip: float | None = None
 
 
 STAGES: dict[str, StageConfig] = {
@@ -110,9 +102,16 @@ def freeze_except(
 
 
 def stage_optimizer(
-    trainable: Sequence[str], *, lr: float = 1e-3, weight_decay: float = 1e-5, clip: float = 1.0
+    trainable: Sequence[str],
+    *,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    clip: float | None = None,
 ) -> optax.GradientTransformation:
     """Guarded AdamW on the ``trainable`` top-level groups, zero updates everywhere else.
+
+    ``None`` settings come from ``CFMVCConfig.default()`` (``lr``, ``weight_decay``,
+    ``grad_clip``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -123,6 +122,10 @@ def stage_optimizer(
       >>> updates["encoder"].tolist()
       [0.0, 0.0]
     """
+    d = CFMVCConfig.default()
+    lr = d.lr if lr is None else lr
+    weight_decay = d.weight_decay if weight_decay is None else weight_decay
+    clip = d.grad_clip if clip is None else clip
     guard = jaxstab.stability_guard(optax.adamw(lr, weight_decay=weight_decay), clip=clip)
     return freeze_except(guard, trainable)
 
@@ -142,50 +145,77 @@ def train_stage(
     *,
     key: jax.Array,
     epochs: int | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     **fit_kwargs: Any,
 ) -> StageResult:
     """Runs one stage with ``jaxstab.train.fit``; ``result.fit.model`` is the trained model.
 
     Raises ``RuntimeError`` before training if a frozen group would get gradient or a
     trainable group gets none (``jaxstab.gradient_flow_report`` on the first batch).
-    ``fit_kwargs`` go to :func:`jaxstab.train.fit` (``steps_per_call``, ``record``, ...);
-    ``explosion_norm`` defaults to :data:`EXPLOSION_NORM`.
+    ``fit_kwargs`` go to :func:`jaxstab.train.fit` (``steps_per_call``, ``record``, ...).
+    Settings not given here or in the stage come from ``model.config`` (``epochs``,
+    ``batch_size``, ``lr``, ``weight_decay``, ``grad_clip``, ``explosion_norm``).
     """
+    mc: CFMVCConfig = model.config
     cfg = STAGES[stage] if isinstance(stage, str) else stage
+    batch_size = mc.batch_size if batch_size is None else batch_size
     arrays = data.arrays if isinstance(data, Dataset) else data
     k_check, k_fit = jax.random.split(key)
     first = {k: jnp.asarray(v[:batch_size]) for k, v in arrays.items()}
     report = check_gradient_flow(model, first, cfg, k_check)
     if not report.ok:
         raise RuntimeError(f"stage {cfg.name!r}: gradient flow is wrong\n{report}")
-    tx = stage_optimizer(cfg.trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, clip=cfg.clip)
-    fit_kwargs.setdefault("explosion_norm", EXPLOSION_NORM)
+    tx = stage_optimizer(
+        cfg.trainable,
+        lr=mc.lr if cfg.lr is None else cfg.lr,
+        weight_decay=mc.weight_decay if cfg.weight_decay is None else cfg.weight_decay,
+        clip=mc.grad_clip if cfg.clip is None else cfg.clip,
+    )
+    fit_kwargs.setdefault("explosion_norm", mc.explosion_norm)
     result = fit(
         model,
         tx,
         cfg.loss_fn,
         arrays,
         batch_size=batch_size,
-        epochs=cfg.epochs if epochs is None else epochs,
+        epochs=(mc.epochs if cfg.epochs is None else cfg.epochs) if epochs is None else epochs,
         key=k_fit,
         **fit_kwargs,
     )
     return StageResult(result, report)
 
 
-def build_model(dataset: Dataset, config: Mapping[str, Any], rngs: nnx.Rngs) -> CFMVC:
-    """A :class:`CFMVC` sized for ``dataset``; model keys of ``config`` override defaults."""
+def as_config(config: CFMVCConfig | Mapping[str, Any] | None) -> CFMVCConfig:
+    """A :class:`CFMVCConfig` from a config, ``None`` (the default) or a settings dict.
+
+    A dict is applied to ``CFMVCConfig.default()``; the run keys of ``jaxstab diagnose``
+    (``seed``, ``model``, ``data``, ``guard``) are left out, any other unknown key is a
+    ``KeyError`` that names it.
+
+    Example:
+      >>> as_config({"hidden_vae": 32, "seed": 0}).hidden_vae
+      32
+    """
+    if config is None:
+        return CFMVCConfig.default()
+    if isinstance(config, CFMVCConfig):
+        return config
+    return CFMVCConfig.from_dict({k: v for k, v in config.items() if k not in RUN_KEYS})
+
+
+def build_model(
+    dataset: Dataset, config: CFMVCConfig | Mapping[str, Any] | None, rngs: nnx.Rngs
+) -> CFMVC:
+    """A :class:`CFMVC` sized for ``dataset`` with ``config`` (see :func:`as_config`)."""
     meta = dataset.meta
-    kwargs = {k: config[k] for k in MODEL_KEYS if k in config}
     return CFMVC(
         meta["n_genes"],
         meta["n_batches"],
         meta["n_cell_types"],
         meta["n_perturbations"],
+        as_config(config),
         rngs=rngs,
         spatial_dim=meta.get("spatial_dim"),
-        **kwargs,
     )
 
 
@@ -193,10 +223,10 @@ def train_cfmvc(
     data: Dataset | ad.AnnData | str,
     *,
     stages: Sequence[str] = ("vae", "flow"),
-    epochs: int | Mapping[str, int] = 50,
-    batch_size: int = 64,
+    epochs: int | Mapping[str, int] | None = None,
+    batch_size: int | None = None,
     key: jax.Array,
-    config: Mapping[str, Any] | None = None,
+    config: CFMVCConfig | Mapping[str, Any] | None = None,
     model: CFMVC | None = None,
     **fit_kwargs: Any,
 ) -> TrainedCFMVC:
@@ -205,10 +235,11 @@ def train_cfmvc(
     Args:
       data: a loaded :class:`~jaxstab.registry.Dataset`, an AnnData or an ``.h5ad`` path.
       stages: names from :data:`STAGES` (``"vae"``, ``"flow"``, ``"joint"``).
-      epochs: one number for every stage or ``{stage: epochs}``.
-      batch_size: cells per step.
+      epochs: one number for every stage or ``{stage: epochs}`` (default: the config's).
+      batch_size: cells per step (default: the config's).
       key: PRNG key (model init and training).
-      config: model keyword arguments (``dim_int``, ``lambda_dist``, ...).
+      config: a :class:`~models.cfmvc.config.CFMVCConfig` or a dict of its fields applied to
+        the default; ignored when ``model`` is given (its own config is used).
       model: start from this model instead of a fresh one.
 
     The run stops after a stage whose ``fit`` status is not ``'ok'``.
@@ -217,10 +248,10 @@ def train_cfmvc(
     k_init, k_train = jax.random.split(key)
     if model is None:
         seed = int(jax.random.randint(k_init, (), 0, 2**31 - 1))
-        model = build_model(dataset, config or {}, nnx.Rngs(params=seed, dropout=seed + 1))
+        model = build_model(dataset, config, nnx.Rngs(params=seed, dropout=seed + 1))
     results: dict[str, StageResult] = {}
     for i, name in enumerate(stages):
-        n_epochs = epochs[name] if isinstance(epochs, Mapping) else epochs
+        n_epochs = epochs.get(name) if isinstance(epochs, Mapping) else epochs
         res = train_stage(
             model,
             dataset,
@@ -238,33 +269,8 @@ def train_cfmvc(
 
 
 # ---------------------------------------------------------------- registry entry
-DEFAULT_CONFIG: dict[str, Any] = {
-    "dim_int": 32,
-    "dim_tech": 8,
-    "hidden_vae": 256,
-    "hidden_ctx": 64,
-    "hidden_flow": 128,
-    "n_basis": 16,
-    "dropout": 0.1,
-    "lambda_dist": 0.0,
-    "epochs": 10,
-    "batch_size": 64,
-    "lr": 1e-3,
-    "weight_decay": 1e-5,
-    "grad_clip": 1.0,
-    "explosion_norm": EXPLOSION_NORM,
-    # The NB log-likelihood is summed over genes, so healthy raw gradient norms are in the
-    # tens to hundreds (about 500 at initialisation with 500 genes); the seed's levels
-    # (warning 5, danger 10) were set for a per-example loss of order 1. Same ratios,
-    # scaled to this loss: warning and danger a decade apart, explosion a decade above.
-    "thresholds": {
-        "total_low": 1.0,
-        "total_warning": 1e3,
-        "total_danger": 1e4,
-        "group_warning": 1e3,
-        "group_danger": 1e4,
-    },
-}
+# A plain dict for the command line, which merges its options into it.
+DEFAULT_CONFIG: dict[str, Any] = CFMVCConfig.default().to_dict()
 N_FEATURE_COLUMNS = 4
 
 
@@ -299,7 +305,8 @@ def feature_stats(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 def _stage1_optimizer(config: Mapping[str, Any]) -> optax.GradientTransformation:
     # The CLI wraps this inner optimizer in its own guard; freezing keeps AdamW's weight decay
     # off the flow and context parameters, which stage 1 does not train.
-    inner = optax.adamw(config.get("lr", 1e-3), weight_decay=config.get("weight_decay", 1e-5))
+    cfg = as_config(config)
+    inner = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
     return freeze_except(inner, STAGES["vae"].trainable)
 
 

@@ -10,16 +10,18 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.cfmvc import CFMVC, generate_expression, mmd_rbf
-from models.cfmvc.losses import flow_terms
+from models.cfmvc import CFMVC, CFMVCConfig, generate_expression, mmd_rbf
+from models.cfmvc.losses import flow_terms, vae_terms
 
-SMALL = {"hidden_vae": 32, "hidden_ctx": 16, "hidden_flow": 32, "n_basis": 4}
+SMALL = CFMVCConfig.small()
+ORIGINAL = CFMVCConfig.small(CFMVCConfig.original())
+DI, DT = SMALL.dim_int, SMALL.dim_tech
 G, NB, NC, NP = 24, 2, 3, 5
 
 
 @pytest.fixture(scope="module")
 def model():
-    m = CFMVC(G, NB, NC, NP, rngs=nnx.Rngs(0), spatial_dim=2, **SMALL)
+    m = CFMVC(G, NB, NC, NP, SMALL, rngs=nnx.Rngs(0), spatial_dim=2)
     m.eval()
     return m
 
@@ -53,7 +55,7 @@ def test_alpha_depends_on_cell_type(context_fn):
 
 
 def test_control_velocity_is_the_base_field(model):
-    z, t = jax.random.normal(jax.random.key(1), (3, 32)), jnp.array([0.0, 0.3, 0.9])
+    z, t = jax.random.normal(jax.random.key(1), (3, DI)), jnp.array([0.0, 0.3, 0.9])
     b, c, s = jnp.zeros(3, int), jnp.array([0, 1, 2]), jnp.ones((3, 2))
     v = model.velocity(z, t, jnp.zeros((3, NP)), b, c, s)
     context, _ = model.context_encoder(jnp.zeros((3, NP)), b, c, s)
@@ -70,23 +72,23 @@ def test_logvar_and_log_mean_are_bounded_with_gradient(model):
 
     # Blow up the logvar head so that its raw output is far outside ±10.
     m = nnx.clone(model)
-    m.encoder.z_int_logvar.bias[...] = jnp.full((32,), 1e4)
+    m.encoder.z_int_logvar.bias[...] = jnp.full((DI,), 1e4)
     (_, enc), grads = nnx.jit(nnx.value_and_grad(max_logvar, has_aux=True))(m)
     assert float(enc.int_logvar.max()) <= 10.0 and float(enc.int_logvar.max()) > 9.9
     assert float(jnp.abs(grads["encoder"]["z_int_logvar"]["bias"][...]).min()) > 0.0
 
     m.decoder.mean_out.bias[...] = jnp.full((G,), 1e4)
-    mean, _ = m.decoder(jnp.zeros((2, 32)), jnp.zeros((2, 8)), deterministic=True)
+    mean, _ = m.decoder(jnp.zeros((2, DI)), jnp.zeros((2, DT)), deterministic=True)
     assert np.all(np.isfinite(mean)) and float(mean.max()) <= np.exp(20.0) * (1 + 1e-6)
 
 
 def test_library_size_option():
-    m = CFMVC(G, NB, NC, NP, rngs=nnx.Rngs(0), use_library_size=True, **SMALL)
+    m = CFMVC(G, NB, NC, NP, SMALL, rngs=nnx.Rngs(0), use_library_size=True)
     lib = jnp.array([100.0, 5000.0])
-    mean, _ = m.decoder(jnp.zeros((2, 32)), jnp.zeros((2, 8)), lib, deterministic=True)
+    mean, _ = m.decoder(jnp.zeros((2, DI)), jnp.zeros((2, DT)), lib, deterministic=True)
     np.testing.assert_allclose(np.asarray(mean.sum(-1)), np.asarray(lib), rtol=1e-4)
     with pytest.raises(ValueError, match="library"):
-        m.decoder(jnp.zeros((2, 32)), jnp.zeros((2, 8)), deterministic=True)
+        m.decoder(jnp.zeros((2, DI)), jnp.zeros((2, DT)), deterministic=True)
 
 
 def _mmd_numpy(x, y, bandwidths):
@@ -119,10 +121,10 @@ def test_lambda_dist_changes_the_flow_gradient():
         "batch": jnp.zeros(8, int),
         "cell_type": jnp.zeros(8, int),
     }
-    z0, t = jax.random.normal(jax.random.key(2), (8, 32)), jnp.linspace(0.1, 0.9, 8)
+    z0, t = jax.random.normal(jax.random.key(2), (8, DI)), jnp.linspace(0.1, 0.9, 8)
 
     def grads(lam):
-        m = CFMVC(G, NB, NC, NP, rngs=nnx.Rngs(0), lambda_dist=lam, **SMALL)
+        m = CFMVC(G, NB, NC, NP, SMALL, rngs=nnx.Rngs(0), lambda_dist=lam)
         (_, aux), g = nnx.jit(
             nnx.value_and_grad(lambda m: flow_terms(m, batch, z0, t), has_aux=True)
         )(m)
@@ -152,7 +154,7 @@ def test_generation_is_finite_and_reproducible(model):
     assert np.all(np.asarray(counts.expression) == np.round(np.asarray(counts.expression)))
     # Euler with one step from the same noise: z1 = z0 + v(z0, 0).
     one = generate_expression(model, p, b, c, n_steps=1, key=jax.random.key(3), spatial=s)
-    z0 = jax.random.normal(jax.random.split(jax.random.key(3), 3)[0], (4, 32))
+    z0 = jax.random.normal(jax.random.split(jax.random.key(3), 3)[0], (4, DI))
     v0 = nnx.jit(lambda m: m.velocity(z0, jnp.zeros(4), jax.nn.one_hot(p, NP), b, c, s))(model)
     np.testing.assert_allclose(np.asarray(one.z_int), np.asarray(z0 + v0), rtol=1e-5, atol=1e-6)
 
@@ -176,3 +178,105 @@ def test_generation_input_errors(model):
         generate_expression(model, jnp.array([0, 1]), b, jnp.zeros(3, int), key=jax.random.key(0))
     with pytest.raises(ValueError, match="columns"):
         generate_expression(model, jnp.zeros((2, 3)), b, b, key=jax.random.key(0))
+
+
+# ------------------------------------------------------------------ config and presets
+def test_config_from_dict_rejects_unknown_keys_and_bad_choices():
+    with pytest.raises(KeyError, match=r"'hiden_vae'.*valid keys: dim_int, dim_tech"):
+        CFMVCConfig.from_dict({"hidden_vae": 8, "hiden_vae": 8})
+    with pytest.raises(ValueError, match=r"flow_target = 'noise'"):
+        SMALL.replace(flow_target="noise")
+    with pytest.raises(ValueError, match="dropout"):
+        SMALL.replace(dropout=1.0)
+    cfg = CFMVCConfig.from_dict({**ORIGINAL.to_dict(), "lr": 5e-4})
+    assert cfg == ORIGINAL.replace(lr=5e-4) and cfg != ORIGINAL
+    assert hash(cfg) == hash(ORIGINAL.replace(lr=5e-4))  # static model attribute: hashable
+    with pytest.raises(KeyError, match="n_layers"):
+        CFMVC(G, NB, NC, NP, SMALL, rngs=nnx.Rngs(0), n_layers=3)
+
+
+def test_original_preset_bounds_are_hard_clamps_with_straight_through_gradient():
+    m = CFMVC(G, NB, NC, NP, ORIGINAL, rngs=nnx.Rngs(0))
+    m.eval()
+    m.decoder.mean_out.bias[...] = jnp.full((G,), 50.0).at[0].set(3.0)
+    m.decoder.log_theta[...] = jnp.full((G,), -30.0).at[0].set(2.0)
+    z = (jnp.zeros((2, DI)), jnp.zeros((2, DT)))
+    mean, theta = m.decoder(*z)
+    # Forward values are the clamps' (exp(±20), exp(±10)); inside they are untouched.
+    np.testing.assert_allclose(np.asarray(mean[:, 1:]), np.exp(np.float32(20.0)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(theta[1:]), np.exp(np.float32(-10.0)), rtol=1e-6)
+    assert float(theta[0]) == pytest.approx(np.exp(2.0), rel=1e-6)
+    g = nnx.grad(lambda d: jnp.sum(jnp.log(d(*z)[0])) + jnp.sum(jnp.log(d(*z)[1])))(m.decoder)
+    # d log(mean) / d bias = 1 per cell through the clamp (a plain clamp would give 0).
+    np.testing.assert_allclose(np.asarray(g["mean_out"]["bias"][...]), 2.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g["log_theta"][...]), 1.0, rtol=1e-6)
+    # The default leaves log_theta unbounded and its soft bounds leave small values alone.
+    d = CFMVC(G, NB, NC, NP, SMALL, rngs=nnx.Rngs(0))
+    d.decoder.log_theta[...] = jnp.full((G,), -30.0)
+    assert float(d.decoder(*z, deterministic=True)[1][0]) == pytest.approx(np.exp(-30.0))
+
+
+def test_input_transform_raw_counts_vs_log1p():
+    x = jnp.full((2, G), 7.0)
+    codes = jnp.zeros(2, int)
+    raw = CFMVC(G, NB, NC, NP, SMALL.replace(input_transform="none"), rngs=nnx.Rngs(0))
+    logged = CFMVC(G, NB, NC, NP, SMALL, rngs=nnx.Rngs(0))  # same weights, log1p input
+    e_raw = raw.encoder(x, codes, codes, deterministic=True)
+    e_log = logged.encoder(jnp.expm1(x), codes, codes, deterministic=True)
+    np.testing.assert_allclose(np.asarray(e_raw.int_mean), np.asarray(e_log.int_mean), rtol=2e-5)
+    e_same = logged.encoder(x, codes, codes, deterministic=True)
+    assert not np.allclose(e_same.int_mean, e_raw.int_mean)
+
+
+def test_column_control_encoding_and_no_gating_as_in_the_original():
+    m = CFMVC(G, NB, NC, NP, ORIGINAL.replace(control_column=2), rngs=nnx.Rngs(0))
+    assert m.context_encoder.pert_mlp_layers[0].kernel.shape[0] == NP + 1 + 8
+    codes = jnp.zeros(2, int)
+    p = jnp.zeros((2, NP)).at[1, 2].set(1.0)
+    _, alpha = m.context_encoder(p, codes, codes)
+    # The control has its own column, so its alpha is not zero (the original's behaviour),
+    # and it differs from that of the perturbation now in column 3.
+    assert float(jnp.abs(alpha[0]).max()) > 0 and not np.allclose(alpha[0], alpha[1])
+    # Row 0 is fed [one-hot of column 2, ungated cell-type embedding]; row 1 [e_3, ...].
+    ce = m.context_encoder
+    layers = ce.pert_mlp_layers
+    for row, col in ((0, 2), (1, 3)):
+        h = jnp.concatenate([jax.nn.one_hot(col, NP + 1), ce.ct_emb(codes[:1])[0]])[None]
+        h = layers[2](jax.nn.relu(layers[1](jax.nn.relu(layers[0](h)))))
+        np.testing.assert_allclose(np.asarray(alpha[row]), np.asarray(h[0]), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="control_column 6"):
+        CFMVC(G, NB, NC, NP, ORIGINAL.replace(control_column=6), rngs=nnx.Rngs(0))
+
+
+def test_flow_target_sample_uses_the_posterior_noise():
+    batch = {
+        "x": jnp.ones((4, G)) * jnp.arange(4.0)[:, None],
+        "p": jax.nn.one_hot(jnp.arange(4) % NP, NP),
+        "batch": jnp.zeros(4, int),
+        "cell_type": jnp.zeros(4, int),
+    }
+    z0, t = jnp.zeros((4, DI)), jnp.full(4, 0.5)
+    m = CFMVC(G, NB, NC, NP, SMALL.replace(flow_target="sample"), rngs=nnx.Rngs(0))
+    m.eval()
+    with pytest.raises(ValueError, match="eps"):
+        flow_terms(m, batch, z0, t)
+    mean_target = CFMVC(G, NB, NC, NP, SMALL, rngs=nnx.Rngs(0))
+    fm_mean = flow_terms(mean_target, batch, z0, t)[0]
+    # eps = 0 gives the mean target exactly; eps != 0 another loss.
+    assert float(flow_terms(m, batch, z0, t, jnp.zeros((4, DI)))[0]) == float(fm_mean)
+    assert float(flow_terms(m, batch, z0, t, jnp.ones((4, DI)))[0]) != float(fm_mean)
+
+
+def test_eps_nb_likelihood_is_the_originals_biased_one():
+    batch = {"x": jnp.full((2, G), 3.0), "batch": jnp.zeros(2, int), "cell_type": jnp.zeros(2, int)}
+    noise = (jnp.zeros((2, DI)), jnp.zeros((2, DT)))
+    exact = CFMVC(G, NB, NC, NP, SMALL, rngs=nnx.Rngs(0))
+    eps = CFMVC(G, NB, NC, NP, SMALL.replace(nb_likelihood="eps"), rngs=nnx.Rngs(0))
+    a = vae_terms(exact, batch, *noise, deterministic=True)[1]["nll"]
+    b = vae_terms(eps, batch, *noise, deterministic=True)[1]["nll"]
+    assert float(a) == pytest.approx(float(b), rel=1e-5)  # moderate means: the same
+    for m in (exact, eps):  # tiny means (log-mean -25): the eps guard biases the likelihood
+        m.decoder.mean_out.bias[...] = jnp.full((G,), -25.0)
+    a = vae_terms(exact, batch, *noise, deterministic=True)[1]["nll"]
+    b = vae_terms(eps, batch, *noise, deterministic=True)[1]["nll"]
+    assert float(a) - float(b) > 0.02 * float(a)

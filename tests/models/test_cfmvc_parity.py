@@ -14,11 +14,11 @@ from flax import nnx
 
 from benchmarks.torch_ref import cfmvc as tref
 from jaxstab import numerics
-from models.cfmvc import CFMVC, load_anndata, simulate
-from models.cfmvc.losses import flow_terms, vae_terms
+from models.cfmvc import CFMVC, CFMVCConfig, load_anndata, simulate
+from models.cfmvc.losses import flow_terms, nb_log_prob_eps, vae_terms
 
 N_GENES, N_BATCH, N_CT, N_PERT, B = 60, 2, 3, 4, 16
-SMALL = {"hidden_vae": 64, "hidden_ctx": 32, "hidden_flow": 48, "n_basis": 6}
+SIZES = {"hidden_vae": 64, "hidden_ctx": 32, "hidden_flow": 48, "n_basis": 6}
 
 
 def rel_err(a, b) -> float:
@@ -26,20 +26,18 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-@pytest.fixture(scope="module")
-def pair():
+@pytest.fixture(scope="module", params=["default", "original"])
+def pair(request):
+    config = getattr(CFMVCConfig, request.param)().replace(**SIZES)
     torch.manual_seed(0)
-    tm = tref.CFMVCModel(
-        N_GENES, N_BATCH, N_CT, N_PERT, hidden_vae=64, hidden_ctx=32, hidden_flow=48,
-        n_basis=6, spatial_dim=2, bound="soft",
-    )  # fmt: skip
+    tm = tref.CFMVCModel(N_GENES, N_BATCH, N_CT, N_PERT, config, spatial_dim=2)
     tm.eval()  # dropout off on both sides
     # Non-zero biases and dispersions, so the converter's handling of every leaf matters.
     with torch.no_grad():
         for name, p in tm.named_parameters():
             if name.endswith("bias") or name.endswith("log_theta"):
                 p.normal_(0.0, 0.1)
-    model = CFMVC(N_GENES, N_BATCH, N_CT, N_PERT, rngs=nnx.Rngs(1), spatial_dim=2, **SMALL)
+    model = CFMVC(N_GENES, N_BATCH, N_CT, N_PERT, config, rngs=nnx.Rngs(1), spatial_dim=2)
     tref.torch_state_dict_to_nnx(tm.state_dict(), model)
     model.eval()
     data = load_anndata(simulate(64, N_GENES, N_PERT, N_BATCH, N_CT, spatial=True, seed=3))
@@ -115,11 +113,13 @@ def test_forward_parity(pair):
         enc_t = tm.encoder(x, b, c)
         loss_t, nll_t, kl_t = tm.vae_forward(x, b, c, torch.tensor(eps_i), torch.tensor(eps_t))
         ctx_t, alpha_t = tm.context_encoder(p, b, c, s)
-        _, v_t = tm.flow_step(x, p, b, c, torch.tensor(z0), torch.tensor(t), s)
+        zero = torch.zeros(B, 32)  # a 'sample' target with eps = 0 is the mean
+        _, v_t = tm.flow_step(x, p, b, c, torch.tensor(z0), torch.tensor(t), s, zero)
         mu = enc_t[0] + torch.tensor(eps_i) * torch.exp(0.5 * enc_t[1])
         sig = enc_t[2] + torch.tensor(eps_t) * torch.exp(0.5 * enc_t[3])
         mean_t, theta_t = tm.decoder(mu, sig)
-        ll_t = tref.nb_log_likelihood(x, mean_t, theta_t)
+        exact = model.config.nb_likelihood == "exact"
+        ll_t = tref.nb_log_likelihood(x, mean_t, theta_t, exact=exact)
 
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
 
@@ -127,7 +127,8 @@ def test_forward_parity(pair):
     def forward(model, jb, mu, sig, eps_i, eps_t, z0, t):
         enc = model.encoder(jb["x"], jb["batch"], jb["cell_type"])
         mean, theta = model.decoder(mu, sig)
-        ll = jnp.sum(numerics.nb_log_prob(jb["x"], mean, theta), -1)
+        nb = numerics.nb_log_prob if model.config.nb_likelihood == "exact" else nb_log_prob_eps
+        ll = jnp.sum(nb(jb["x"], mean, theta), -1)
         ctx, alpha = model.context_encoder(jb["p"], jb["batch"], jb["cell_type"], jb["spatial"])
         loss, aux = vae_terms(model, jb, eps_i, eps_t)
         z_t = (1 - t)[:, None] * z0 + t[:, None] * enc.int_mean
@@ -142,8 +143,9 @@ def test_forward_parity(pair):
     assert rel_err(ll, ll_t.numpy()) < 1e-5
     assert rel_err(ctx, ctx_t.numpy()) < 1e-5
     assert rel_err(alpha, alpha_t.numpy()) < 1e-5
-    assert float(jnp.abs(alpha[0]).max()) == 0.0  # control row, both sides
-    assert float(alpha_t[0].abs().max()) == 0.0
+    if model.config.alpha_gating and model.config.control_encoding == "zero":
+        assert float(jnp.abs(alpha[0]).max()) == 0.0  # control row, both sides
+        assert float(alpha_t[0].abs().max()) == 0.0
     assert rel_err(loss, loss_t.numpy()) < 1e-5
     assert rel_err(aux["nll"], nll_t.numpy()) < 1e-5
     assert rel_err(aux["kl"], kl_t.numpy()) < 1e-5
@@ -184,12 +186,16 @@ def test_flow_loss_and_gradient_parity(pair):
     x, p, b, c, s = torch_batch(batch)
     _, _, z0, t = fixed_noise(2)
     tm.zero_grad()
-    loss_t, _ = tm.flow_step(x, p, b, c, torch.tensor(z0), torch.tensor(t), s)
+    eps = np.random.default_rng(5).normal(size=(B, 32)).astype(np.float32)
+    loss_t, _ = tm.flow_step(x, p, b, c, torch.tensor(z0), torch.tensor(t), s, torch.tensor(eps))
     loss_t.backward()
     assert all(q.grad is None or not q.grad.any() for q in tm.encoder.parameters())
     jb = {k: jnp.asarray(v) for k, v in batch.items()}
     z0_j, t_j = jnp.asarray(z0), jnp.asarray(t)
-    loss, grads = nnx.jit(nnx.value_and_grad(lambda m: flow_terms(m, jb, z0_j, t_j)[0]))(model)
+    eps_j = jnp.asarray(eps)
+    loss, grads = nnx.jit(nnx.value_and_grad(lambda m: flow_terms(m, jb, z0_j, t_j, eps_j)[0]))(
+        model
+    )
     assert rel_err(loss, loss_t.detach().numpy()) < 1e-5
     _assert_grads_close(grads, tref.torch_grads_to_nnx(tm, model), {"context_encoder", "flow"})
     enc_grads = jax.tree.leaves(grads["encoder"])
