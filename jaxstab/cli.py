@@ -46,6 +46,17 @@ def _run_options() -> argparse.ArgumentParser:
         help="training steps fused per jitted call (default: one epoch)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--control",
+        metavar="LABEL",
+        help="the control (unperturbed) label of the --data file (default: recognised by "
+        "name — control, ctrl, non-targeting, ... — or none)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --output-dir (only the files jaxstab wrote are removed)",
+    )
     return p
 
 
@@ -118,6 +129,7 @@ def _run(args: argparse.Namespace) -> int:
     # Imported here so that --help and --version stay fast.
     from jaxstab import diagnose as diag
     from jaxstab.report.thresholds import Thresholds
+    from jaxstab.rundir import RunDirError
 
     suffix = "diagnosis" if args.command == "diagnose" else "train"
     out = args.output_dir or os.path.join("runs", f"{args.model}-{suffix}")
@@ -131,11 +143,24 @@ def _run(args: argparse.Namespace) -> int:
                 "group_danger": args.group_danger_norm,
             }
         diag.check_options(options)
-        job = diag.prepare(args.model, args.data, out, _overrides(args))
+        job = diag.prepare(
+            args.model,
+            args.data,
+            out,
+            _overrides(args),
+            command=args.command,
+            resume=getattr(args, "resume", False),
+            overwrite=args.overwrite,
+            control=args.control,
+        )
+    except RunDirError as e:
+        return _error(str(e))
     except KeyError as e:
         return _error(e.args[0] if e.args else str(e))
     except (OSError, ValueError, TypeError) as e:
         return _error(f"{type(e).__name__}: {e}")
+    for message in job.dataset.meta.get("warnings", ()):
+        print(f"jaxstab: warning: {message}", file=sys.stderr)
     common = {
         "guard": not args.no_guard,
         "steps_per_call": args.steps_per_call,
@@ -158,7 +183,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         summary = diag.train(job, resume=args.resume, **common)
-    except CheckpointError as e:
+    except (CheckpointError, RunDirError) as e:
         return _error(str(e))
     return 0 if summary["status"] == "ok" else EXIT_UNSTABLE
 

@@ -16,13 +16,13 @@ Example:
 
 from __future__ import annotations
 
-import datetime
-import json
+import inspect
 import math
 import numbers
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -33,7 +33,7 @@ from flax import nnx
 from rich.console import Console
 
 import jaxstab
-from jaxstab import registry
+from jaxstab import registry, rundir
 from jaxstab.registry import Dataset, ModelEntry
 from jaxstab.report import plots, report_json, tables
 from jaxstab.report.thresholds import Thresholds
@@ -48,9 +48,8 @@ ARTIFACTS = (
     "gradient_heatmap.png",
     "feature_changes.png",
     "checkpoints",
+    rundir.MARKER,
 )
-RUN_MARKER = "jaxstab_run.json"
-RUN_MARKERS = (RUN_MARKER, "diagnosis_report.json", "train_summary.json")
 _POSITIVE_INTS = ("epochs", "batch_size", "steps_per_call")
 _POSITIVE_FLOATS = (
     "lr",
@@ -70,14 +69,32 @@ class Job(NamedTuple):
     dataset: Dataset
     config: dict[str, Any]
     output_dir: str
+    overwrite: bool = False
+    data_fingerprint: str = ""
 
 
-def prepare(model: str, data: str | None, output_dir: str, overrides: Mapping[str, Any]) -> Job:
+def prepare(
+    model: str,
+    data: str | None,
+    output_dir: str,
+    overrides: Mapping[str, Any],
+    *,
+    command: str = "diagnose",
+    resume: bool = False,
+    overwrite: bool = False,
+    control: str | None = None,
+) -> Job:
     """Resolves and validates everything a run needs; writes nothing.
 
+    The output folder is checked by :func:`jaxstab.rundir.claim` (someone else's files,
+    an existing run without ``overwrite``, ``resume`` without a train run, no write access:
+    ``RunDirError``); hidden temporary folders of a killed earlier run are removed. With
+    ``resume`` :func:`train` then checks that the data and settings are those the run
+    started with (see :data:`jaxstab.rundir.RESUMABLE`). ``control`` names the control
+    label of a ``data`` file for loaders that take one.
+
     Raises ``KeyError`` (unknown model), ``FileNotFoundError``/``OSError`` (unreadable data),
-    ``ValueError``/``TypeError`` (data failing validation, bad options, an output directory
-    that holds something other than a jaxstab run).
+    ``ValueError``/``TypeError`` (data failing validation, bad options, a refused folder).
     """
     entry = registry.get(model)
     config: dict[str, Any] = dict(entry.default_config)
@@ -90,22 +107,27 @@ def prepare(model: str, data: str | None, output_dir: str, overrides: Mapping[st
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
     check_options(config)
     out = os.path.abspath(output_dir)
-    if os.path.exists(out) and (
-        not os.path.isdir(out)
-        or (os.listdir(out) and not any(os.path.exists(os.path.join(out, m)) for m in RUN_MARKERS))
-    ):
-        raise ValueError(f"output directory {out} exists and is not a jaxstab run")
+    claimed = rundir.claim(out, command, resume=resume, overwrite=overwrite)
+    for name in claimed.cleaned:
+        warnings.warn(f"removed {name}, left beside {out} by a run that was killed", stacklevel=2)
+    if control is not None and data is None:
+        raise ValueError("--control names the control label of a --data file")
     if data is not None:
         if not os.path.exists(data):
             raise FileNotFoundError(f"data file not found: {data}")
         if not os.access(data, os.R_OK):
             raise PermissionError(f"data file not readable: {data}")
-        dataset = entry.load_data(data)
+        options = {}
+        if control is not None:
+            if "control" not in inspect.signature(entry.load_data).parameters:
+                raise ValueError(f"model {model!r}'s data loader takes no --control")
+            options["control"] = control
+        dataset = entry.load_data(data, **options)
     else:
         dataset = entry.default_data(int(config["seed"]))
     if not isinstance(dataset, Dataset) or len(dataset) == 0:
         raise ValueError(f"model {model!r} returned no training data")
-    return Job(entry, dataset, config, out)
+    return Job(entry, dataset, config, out, overwrite, rundir.fingerprint(dataset.arrays))
 
 
 _FLAGS = {
@@ -153,21 +175,17 @@ def check_options(options: Mapping[str, Any]) -> None:
                 raise ValueError(f"{_flag(name)} must be a finite number > 0{extra}, got {value!r}")
 
 
-def write_run_marker(directory: str, command: str, config: Mapping[str, Any]) -> None:
-    """Writes ``jaxstab_run.json`` (command, model, config, version, time) when a run starts."""
-    marker = report_json.jsonable(
+def _marker(job: Job, command: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    return report_json.jsonable(
         {
             "command": command,
             "model": config.get("model"),
             "config": dict(config),
+            "data_fingerprint": job.data_fingerprint,
+            "data_warnings": list(job.dataset.meta.get("warnings", ())),
             "jaxstab_version": jaxstab.__version__,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
     )
-    tmp = os.path.join(directory, f".{RUN_MARKER}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(marker, f, indent=1)
-    os.replace(tmp, os.path.join(directory, RUN_MARKER))
 
 
 # Config keys the optimizer never reads; left out of the cache key below.
@@ -268,16 +286,6 @@ def _train(
     return result
 
 
-def _move_into_place(tmp: str, out: str) -> None:
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-        os.rename(out, os.path.join(old, "run"))
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_artifacts(
     directory: str,
     result: FitResult,
@@ -313,6 +321,7 @@ def write_artifacts(
             "best_metric": result.best_metric,
             "first_suspicious_feature_step": suspicious[0] if suspicious else None,
             "artifacts": list(ARTIFACTS),
+            "data_warnings": list(config.get("data_warnings") or ()),
         },
     )
     report_json.write_report(os.path.join(directory, "diagnosis_report.json"), report)
@@ -331,14 +340,21 @@ def diagnose(
     progress: bool = True,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Trains with every step recorded and writes the report files; returns the report."""
+    """Trains with every step recorded and writes the report files; returns the report.
+
+    Everything is written into a hidden sibling folder and moved into ``job.output_dir`` only
+    when complete, so an interrupted run leaves an earlier report as it was; the earlier
+    run's files are replaced only with ``job.overwrite`` (checked by :func:`prepare`).
+    """
     console = console or Console()
     thresholds = thresholds or Thresholds(explosion=float(job.config["explosion_norm"] or 100))
-    config = {**job.config, "guard": guard}
+    warned = list(job.dataset.meta.get("warnings", ()))
+    config = {**job.config, "guard": guard, **({"data_warnings": warned} if warned else {})}
     parent = os.path.dirname(job.output_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(job.output_dir)}.tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=rundir.temp_prefix(job.output_dir, "tmp"), dir=parent)
     try:
+        rundir.write_marker(tmp, _marker(job, "diagnose", config))
         model = job.entry.build_model(job.dataset, config, nnx.Rngs(int(config["seed"])))
         before = _flat_params(model)
         result = _train(
@@ -353,7 +369,7 @@ def diagnose(
         report = write_artifacts(
             tmp, result, config=config, thresholds=thresholds, params_before=before
         )
-        _move_into_place(tmp, job.output_dir)
+        rundir.replace_contents(tmp, job.output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -393,17 +409,23 @@ def train(
     """Trains without per-step recording; keeps orbax checkpoints and ``train_summary.json``.
 
     The run marker ``jaxstab_run.json`` is written before the first step, so a killed run can
-    be continued with ``resume=True``. ``resume`` into a folder that does not exist, or with
-    no verified checkpoint, raises ``CheckpointError``.
+    be continued with ``resume=True``: other data or another setting than the first run's
+    raise ``RunDirError`` naming it, no verified checkpoint raises ``CheckpointError``.
+    ``job.overwrite`` first removes the files an earlier run wrote (and only those).
     """
     console = console or Console()
     config = {**job.config, "guard": guard}
     check_options({"steps_per_call": steps_per_call})
     if resume and not os.path.isdir(job.output_dir):
         raise CheckpointError(f"nothing to resume: {job.output_dir} does not exist")
+    if resume:
+        first = rundir.read_marker(job.output_dir) or {}
+        rundir.check_resume(first, report_json.jsonable(config), job.data_fingerprint)
+    if job.overwrite and not resume and os.path.isdir(job.output_dir):
+        rundir.remove_owned(job.output_dir)
     os.makedirs(job.output_dir, exist_ok=True)
     if not resume:
-        write_run_marker(job.output_dir, "train", config)
+        rundir.write_marker(job.output_dir, _marker(job, "train", config))
     result = _train(
         job._replace(config=config),
         guard=guard,

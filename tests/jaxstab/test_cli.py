@@ -120,6 +120,7 @@ def test_diagnose_writes_every_artifact(runs):
         "diagnosis_report.json",
         *PNGS,
         "checkpoints",
+        "jaxstab_run.json",
     }
     rows = _rows(out / "gradient_stats.csv")
     head = [
@@ -267,7 +268,7 @@ def _bad_npz(tmp_path):
         ("unknown_model", "unknown model"),
         ("missing_data", "not found"),
         ("invalid_data", "index 7"),
-        ("not_a_run_dir", "not a jaxstab run"),
+        ("not_a_run_dir", "did not write (precious.txt)"),
         ("bad_epochs", "--epochs"),
     ],
 )
@@ -294,15 +295,16 @@ def test_bad_input_fails_cleanly_and_writes_nothing(case, needle, tmp_path, caps
         assert os.listdir(out) == ["precious.txt"]
 
 
-def test_rerun_replaces_a_previous_report(runs, tmp_path):
+def test_overwrite_replaces_a_previous_report_and_keeps_the_users_files(runs, tmp_path):
     out = tmp_path / "again"
     shutil.copytree(runs["ok"], out)
-    (out / "stale.txt").write_text("from the earlier run")
+    (out / "notes.txt").write_text("the user's own notes")
     first = json.loads((out / "diagnosis_report.json").read_text())["steps_recorded"]
-    assert main(["diagnose", *BASE, "--epochs", "1", "--output-dir", str(out)]) == 0
+    args = ["diagnose", *BASE, "--epochs", "1", "--output-dir", str(out)]
+    assert main([*args, "--overwrite"]) == 0
     second = json.loads((out / "diagnosis_report.json").read_text())["steps_recorded"]
     assert 3 * second == first
-    assert not (out / "stale.txt").exists()
+    assert (out / "notes.txt").read_text() == "the user's own notes"
     assert sorted(os.listdir(tmp_path)) == ["again"]
 
 
@@ -379,7 +381,7 @@ def test_train_twice_and_resume_without_checkpoint_are_one_line_errors(tmp_path,
     capsys.readouterr()
     assert main(["train", *BASE, "--epochs", "1", "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "already holds checkpoints" in err
+    assert "\n" not in err and "already holds a train run; --resume continues it" in err
     missing = tmp_path / "never"
     assert main(["train", *BASE, "--resume", "--output-dir", str(missing)]) == 2
     err = capsys.readouterr().err.strip()
