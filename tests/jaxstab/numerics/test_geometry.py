@@ -17,14 +17,20 @@ import jaxstab.numerics as N
 coords = arrays(np.float32, (4, 3), elements=st.floats(-10, 10, width=32, allow_subnormal=False))
 
 
-def _fd_grad(f, x, h=1e-6):
-    """Central finite differences of a float64 numpy function."""
+def _fd_grad(f, x, h=1e-6, period=None):
+    """Central finite differences of a float64 numpy function.
+
+    With ``period`` the difference is taken modulo it (an angle near ±π must not jump by 2π).
+    """
     x = np.asarray(x, np.float64)
     g = np.zeros_like(x)
     for i in np.ndindex(x.shape):
         e = np.zeros_like(x)
         e[i] = h
-        g[i] = (f(x + e) - f(x - e)) / (2 * h)
+        d = f(x + e) - f(x - e)
+        if period is not None:
+            d = (d + period / 2) % period - period / 2
+        g[i] = d / (2 * h)
     return g
 
 
@@ -149,7 +155,8 @@ def test_dihedral_matches_projection_formula(p):
             q[i] = x
             return _ref_dihedral(*q)
 
-        np.testing.assert_allclose(grads[i], _fd_grad(f, p64[i]), rtol=1e-3, atol=1e-4)
+        fd = _fd_grad(f, p64[i], period=2 * np.pi)
+        np.testing.assert_allclose(grads[i], fd, rtol=1e-3, atol=1e-4)
 
 
 def test_pairwise_distances_match_float64_and_diagonal_is_safe():
