@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.cfmvc import generate_expression, load_anndata, simulate, train_cfmvc
+from models.cfmvc import CFMVCConfig, generate_expression, load_anndata, simulate, train_cfmvc
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -91,10 +91,19 @@ def run(
     n_steps: int = 20,
     seed: int = 0,
     dropout: float = 0.0,
+    config: CFMVCConfig | None = None,
+    data: Any = None,
 ) -> dict[str, Any]:
-    """Runs the experiment and returns the result dictionary (see the module docstring)."""
-    adata = simulate(n_cells, n_genes, n_perturbations=n_perturbations, seed=seed)
-    data = load_anndata(adata)
+    """Runs the experiment and returns the result dictionary (see the module docstring).
+
+    ``config`` (default ``CFMVCConfig.default()``) is the model, with ``dropout`` set;
+    ``data`` a loaded simulation to reuse (else one is simulated from the sizes). The result's
+    ``fits`` holds each stage's ``FitResult`` (not JSON; dropped by :func:`main`).
+    """
+    if data is None:
+        adata = simulate(n_cells, n_genes, n_perturbations=n_perturbations, seed=seed)
+        data = load_anndata(adata)
+    config = (config or CFMVCConfig.default()).replace(dropout=dropout)
     truth = data.meta["true_lfc"]
     start = time.perf_counter()
     out = train_cfmvc(
@@ -103,7 +112,7 @@ def run(
         epochs={"vae": epochs_vae, "flow": epochs_flow},
         batch_size=batch_size,
         key=jax.random.key(seed),
-        config={"dropout": dropout},
+        config=config,
     )
     train_seconds = time.perf_counter() - start
 
@@ -151,7 +160,10 @@ def run(
         "train_seconds": train_seconds,
         "status": {name: f.status for name, f in fits.items()},
         "final_epoch_loss": {
-            name: float(f.epoch_history["train_loss"][-1]) for name, f in fits.items()
+            name: float(f.epoch_history["train_loss"][-1])
+            if len(f.epoch_history["train_loss"])
+            else None
+            for name, f in fits.items()
         },
         "mean_pearson": float(np.mean([p["pearson"] for p in per_pert])),
         "mean_vae_reconstruction_pearson": float(
@@ -161,6 +173,7 @@ def run(
             np.mean([p["observed_data_pearson"] for p in per_pert])
         ),
         "per_perturbation": per_pert,
+        "fits": fits,
     }
 
 
@@ -180,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
         epochs_flow=args.epochs_flow,
         dropout=args.dropout,
     )
+    result.pop("fits")
     path = Path(args.output or RESULTS / f"effect_recovery-{jax.default_backend()}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

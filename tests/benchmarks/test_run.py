@@ -45,7 +45,9 @@ def test_unknown_suite_is_refused(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", ["run", "parity", "bench_numerics", "stability"])
+@pytest.mark.parametrize(
+    "module", ["run", "parity", "bench_numerics", "stability", "deviations_cfmvc"]
+)
 def test_docstring_examples(module):
     import doctest
     import importlib
@@ -53,3 +55,21 @@ def test_docstring_examples(module):
     mod = importlib.import_module(f"benchmarks.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_deviation_variants_change_one_field_each():
+    from benchmarks.deviations_cfmvc import FUNCTION_FIELDS, variants
+    from models.cfmvc import CFMVCConfig
+
+    default, original = CFMVCConfig.default(), CFMVCConfig.original()
+    found = dict(variants(control_column=2))
+    assert found["default"] == default
+    differing = [f for f in FUNCTION_FIELDS if getattr(default, f) != getattr(original, f)]
+    assert all(getattr(found["original"], f) == getattr(original, f) for f in FUNCTION_FIELDS)
+    assert found["original"].control_column == 2
+    singles = [n for n in found if n not in ("default", "original")]
+    assert len(singles) == len(differing)
+    for name in singles:
+        cfg = found[name]
+        changed = [f for f in FUNCTION_FIELDS if getattr(cfg, f) != getattr(default, f)]
+        assert changed == [name.split("=")[0]], name
