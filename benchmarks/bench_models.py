@@ -42,7 +42,7 @@ def _peak_rss_mib() -> float:
 
 
 def _cfmvc_variant(variant: str, epochs: int, seed: int = 0) -> dict[str, Any]:
-    from models.cfmvc import load_anndata, simulate
+    from jaxstab.models.cfmvc import load_anndata, simulate
 
     data = load_anndata(
         simulate(CFMVC["n_cells"], CFMVC["n_genes"], CFMVC["n_perturbations"], seed=seed)
@@ -55,10 +55,15 @@ def _cfmvc_variant(variant: str, epochs: int, seed: int = 0) -> dict[str, Any]:
         import optax
         from flax import nnx
 
+        from jaxstab.models.cfmvc.losses import vae_loss
+        from jaxstab.models.cfmvc.model import CFMVC as Model
+        from jaxstab.models.cfmvc.train import (
+            EXPLOSION_NORM,
+            STAGES,
+            freeze_except,
+            stage_optimizer,
+        )
         from jaxstab.train import fit
-        from models.cfmvc.losses import vae_loss
-        from models.cfmvc.model import CFMVC as Model
-        from models.cfmvc.train import EXPLOSION_NORM, STAGES, freeze_except, stage_optimizer
 
         model = Model(*sizes, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
         spc = 1 if variant == "jax_step" else None

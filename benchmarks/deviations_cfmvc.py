@@ -43,7 +43,7 @@ from flax import nnx
 from benchmarks import effect_recovery
 from jaxstab import numerics
 from jaxstab import stat_names as S
-from models.cfmvc import CFMVCConfig, load_anndata, simulate
+from jaxstab.models.cfmvc import CFMVCConfig, load_anndata, simulate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NO_STOP = 1e30

@@ -35,7 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.cfmvc import CFMVCConfig, generate_expression, load_anndata, simulate, train_cfmvc
+from jaxstab.models.cfmvc import (
+    CFMVCConfig,
+    generate_expression,
+    load_anndata,
+    simulate,
+    train_cfmvc,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

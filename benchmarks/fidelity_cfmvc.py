@@ -1,4 +1,4 @@
-"""Fidelity of the Flax port ``models.cfmvc`` to the ORIGINAL CFM-VC code (``cfm_vc`` 2.0.1).
+"""Fidelity of the port ``jaxstab.models.cfmvc`` to the ORIGINAL CFM-VC code (``cfm_vc`` 2.0.1).
 
 ``python -m benchmarks.fidelity_cfmvc --original PATH`` (or ``CFMVC_ORIGINAL=PATH``) imports
 the original's PyTorch sub-modules from a checkout at ``PATH`` (``cfm_vc.models.*`` and
@@ -15,7 +15,7 @@ Nothing of the original is contained here; ``original_commit`` records which cod
 Steps (both models in eval mode, i.e. dropout off; all noise drawn here with NumPy and given
 to both sides):
 
-1. Data: ``models.cfmvc.simulate`` (64 cells x 200 genes, 3 perturbations, 2 batches, 3 cell
+1. Data: ``jaxstab.models.cfmvc.simulate`` (64 cells x 200 genes, 3 perturbations, 2 batches, 3 cell
    types) with the labels renamed to gene names and the control to ``NTC`` (so the control
    sorts into the middle, rank 2 of ``BRCA1 MYC NTC TP53``), read by the port's
    ``load_anndata`` (control = zero row of ``p``) and by the original's ``SingleCellDataset``
@@ -430,7 +430,7 @@ def make_inputs(n_cells: int = 64, n_genes: int = 200, seed: int = 0) -> dict[st
     "labels"}``: ``p`` has the control as the zero row (the port's input), ``p_original`` the
     control's own column at its rank among the sorted labels (the original's dataset).
     """
-    from models.cfmvc import load_anndata, simulate
+    from jaxstab.models.cfmvc import load_anndata, simulate
 
     adata = simulate(n_cells, n_genes, N_PERTURBATIONS, N_BATCHES, N_CELL_TYPES, seed=seed)
     rename = {"control": CONTROL_NAME, **{f"pert_{k}": n for k, n in enumerate(PERT_NAMES)}}
@@ -506,7 +506,7 @@ def _jitted() -> dict[str, Any]:
     from flax import nnx
 
     from jaxstab import numerics
-    from models.cfmvc.losses import flow_terms, nb_log_prob_eps, vae_terms
+    from jaxstab.models.cfmvc.losses import flow_terms, nb_log_prob_eps, vae_terms
 
     def quantities(model, jb, n):
         enc = model.encoder(jb["x"], jb["batch"], jb["cell_type"])
@@ -552,8 +552,8 @@ def port_quantities(
     import jax
     import jax.numpy as jnp
 
-    from models.cfmvc.generate import generate_expression
-    from models.cfmvc.model import encode_perturbation
+    from jaxstab.models.cfmvc.generate import generate_expression
+    from jaxstab.models.cfmvc.model import encode_perturbation
 
     jb = {k: jnp.asarray(inputs[k]) for k in ("x", "p", "batch", "cell_type")}
     n = {k: jnp.asarray(v) for k, v in noise.items()}
@@ -625,7 +625,7 @@ def build_port(config: Any, state_dict: Mapping[str, Any], inputs: Mapping[str, 
     from flax import nnx
 
     from benchmarks.torch_ref.cfmvc import torch_state_dict_to_nnx
-    from models.cfmvc import CFMVC
+    from jaxstab.models.cfmvc import CFMVC
 
     meta = inputs["meta"]
     # Built abstractly (no initialisers to compile), given placeholder values, then the weights.
@@ -656,7 +656,7 @@ def port_variant(model: Any, inputs: Mapping[str, Any], **changes: Any) -> Any:
     """``model``'s weights in a port built (abstractly) at ``model.config.replace(**changes)``."""
     from flax import nnx
 
-    from models.cfmvc import CFMVC
+    from jaxstab.models.cfmvc import CFMVC
 
     meta = inputs["meta"]
     config = model.config.replace(**changes)
@@ -845,7 +845,7 @@ def run(
     import jax
     import torch
 
-    from models.cfmvc import CFMVCConfig
+    from jaxstab.models.cfmvc import CFMVCConfig
 
     mods = import_original(original)
     inputs = make_inputs(n_cells, n_genes, seed)

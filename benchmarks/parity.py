@@ -38,8 +38,8 @@ def _cfmvc(
     from flax import nnx
 
     from benchmarks.torch_ref import cfmvc as tref
-    from models.cfmvc import CFMVC, CFMVCConfig, load_anndata, simulate
-    from models.cfmvc.losses import flow_terms, vae_terms
+    from jaxstab.models.cfmvc import CFMVC, CFMVCConfig, load_anndata, simulate
+    from jaxstab.models.cfmvc.losses import flow_terms, vae_terms
 
     config = getattr(CFMVCConfig, preset)()
     n_pert, n_batch, n_ct = 10, 2, 3

@@ -49,7 +49,7 @@ VARIANTS = ("jax_none", "jax_guard", "jax_guard_noclip", "torch_seed")
 
 
 def _data(seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
-    from models.cfmvc.data import load_anndata, simulate
+    from jaxstab.models.cfmvc.data import load_anndata, simulate
 
     ds = load_anndata(simulate(N_CELLS + N_EVAL, N_GENES, n_perturbations=3, seed=seed))
     arrays = {k: np.asarray(ds.arrays[k]) for k in ("x", "batch", "cell_type")}
@@ -97,7 +97,7 @@ def batch_order(seed: int, steps_per_epoch: int) -> np.ndarray:
 
 
 def _jax_runner(tx: optax.GradientTransformation, graphdef: nnx.GraphDef):
-    from models.cfmvc import losses
+    from jaxstab.models.cfmvc import losses
 
     def loss_fn(params, rest, batch, key):
         model = nnx.merge(graphdef, params, rest, copy=True)
@@ -143,7 +143,7 @@ def _jax_runner(tx: optax.GradientTransformation, graphdef: nnx.GraphDef):
 
 def run_jax(variant: str) -> dict[str, Any]:
     """Final eval loss and parameter finiteness of every (seed, fault) run of one variant."""
-    from models.cfmvc.model import CFMVC
+    from jaxstab.models.cfmvc.model import CFMVC
 
     inner = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
     txs = {

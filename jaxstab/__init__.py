@@ -4,10 +4,13 @@ Submodules:
   jaxstab.numerics  safe-math primitives with finite values and gradients at the boundaries.
   jaxstab.transforms  optax stability transforms (logging, clipping, skipping, loss scaling);
     their public names are also exported at the top level (``jaxstab.stability_guard``).
+  jaxstab.plugin  the plugin API (``jaxstab.Dataset``, ``jaxstab.ModelEntry``,
+    ``jaxstab.Stage``) through which a model plugs into ``jaxstab diagnose`` and ``train``.
 """
 
 __version__ = "0.1.0"
 
+from jaxstab.plugin import Dataset, ModelEntry, Stage
 from jaxstab.transforms import (
     AutoClipState,
     ClipByGlobalNormState,
@@ -28,6 +31,7 @@ from jaxstab.transforms import (
     read_stats,
     skip_bad_steps,
     stability_guard,
+    train_only,
     zclip,
     zero_nonfinite,
 )
@@ -36,10 +40,13 @@ __all__ = [
     "AutoClipState",
     "ClipByGlobalNormState",
     "ClipByGroupNormState",
+    "Dataset",
     "DynamicLossScaleState",
     "GradientFlowReport",
     "LogNormsState",
+    "ModelEntry",
     "SkipBadStepsState",
+    "Stage",
     "ZClipState",
     "ZeroNonfiniteState",
     "__version__",
@@ -53,6 +60,7 @@ __all__ = [
     "read_stats",
     "skip_bad_steps",
     "stability_guard",
+    "train_only",
     "zclip",
     "zero_nonfinite",
 ]

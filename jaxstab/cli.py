@@ -23,7 +23,23 @@ EPILOG = (
 
 def _run_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--model", required=True, help="registered model name (e.g. cfmvc)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a registered model name (e.g. cfmvc), package.module:ATTR or path/to/file.py:ATTR "
+        "naming a jaxstab.ModelEntry",
+    )
+    p.add_argument("--preset", help="the model's config preset (e.g. small; default: default)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field of the model's config or a training setting (repeatable; "
+        "an unknown key is an error that lists the valid ones)",
+    )
+    p.add_argument("--stage", help="the model's training stage (default: its first)")
     p.add_argument("--data", help="data file for the model's loader (default: bundled data)")
     p.add_argument("--epochs", type=int, help="passes over the data (default: model's)")
     p.add_argument("--batch-size", type=int, help="examples per step (default: model's)")
@@ -128,26 +144,28 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace) -> int:
     # Imported here so that --help and --version stay fast.
     from jaxstab import diagnose as diag
-    from jaxstab.report.thresholds import Thresholds
+    from jaxstab import plugin, registry
     from jaxstab.rundir import RunDirError
 
-    suffix = "diagnosis" if args.command == "diagnose" else "train"
-    out = args.output_dir or os.path.join("runs", f"{args.model}-{suffix}")
+    flags = {
+        "total_warning": getattr(args, "warn_norm", None),
+        "total_danger": getattr(args, "danger_norm", None),
+        "group_warning": getattr(args, "group_warn_norm", None),
+        "group_danger": getattr(args, "group_danger_norm", None),
+    }
     try:
-        options = {"steps_per_call": args.steps_per_call}
-        if args.command == "diagnose":
-            options |= {
-                "total_warning": args.warn_norm,
-                "total_danger": args.danger_norm,
-                "group_warning": args.group_warn_norm,
-                "group_danger": args.group_danger_norm,
-            }
-        diag.check_options(options)
+        plugin.check_settings({"steps_per_call": args.steps_per_call, **flags})
+        entry = registry.get(args.model)
+        suffix = "diagnosis" if args.command == "diagnose" else "train"
+        out = args.output_dir or os.path.join("runs", f"{entry.name}-{suffix}")
         job = diag.prepare(
-            args.model,
+            entry,
             args.data,
             out,
             _overrides(args),
+            preset=args.preset,
+            sets=args.sets,
+            stage=args.stage,
             command=args.command,
             resume=getattr(args, "resume", False),
             overwrite=args.overwrite,
@@ -167,16 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         "progress": not args.no_progress,
     }
     if args.command == "diagnose":
-        flags = {
-            "total_warning": args.warn_norm,
-            "total_danger": args.danger_norm,
-            "group_warning": args.group_warn_norm,
-            "group_danger": args.group_danger_norm,
-        }
-        th = Thresholds(**dict(job.config.get("thresholds") or {}))._replace(
-            **{k: v for k, v in flags.items() if v is not None},
-            explosion=float(job.config["explosion_norm"] or float("inf")),
-        )
+        th = plugin.thresholds(job.entry, job.config, **flags)
         report = diag.diagnose(job, thresholds=th, **common)
         return 0 if report["status"] == "ok" else EXIT_UNSTABLE
     from jaxstab.train.checkpoint import CheckpointError

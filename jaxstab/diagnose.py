@@ -17,13 +17,13 @@ Example:
 from __future__ import annotations
 
 import inspect
+import json
 import math
-import numbers
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -33,12 +33,15 @@ from flax import nnx
 from rich.console import Console
 
 import jaxstab
-from jaxstab import registry, rundir
-from jaxstab.registry import Dataset, ModelEntry
+from jaxstab import plugin, registry, rundir
+from jaxstab import stat_names as S
+from jaxstab import tree as tree_lib
+from jaxstab.plugin import Dataset, ModelEntry, check_settings
 from jaxstab.report import plots, report_json, tables
 from jaxstab.report.thresholds import Thresholds
 from jaxstab.train import FitResult, fit
 from jaxstab.train.checkpoint import CheckpointError
+from jaxstab.train.stages import check_gradient_flow, stage_optimizer
 
 ARTIFACTS = (
     "gradient_stats.csv",
@@ -49,15 +52,6 @@ ARTIFACTS = (
     "feature_changes.png",
     "checkpoints",
     rundir.MARKER,
-)
-_POSITIVE_INTS = ("epochs", "batch_size", "steps_per_call")
-_POSITIVE_FLOATS = (
-    "lr",
-    "explosion_norm",
-    "total_warning",
-    "total_danger",
-    "group_warning",
-    "group_danger",
 )
 EVAL_FRACTION, MIN_EVAL_SIZE = 0.1, 50
 
@@ -74,17 +68,25 @@ class Job(NamedTuple):
 
 
 def prepare(
-    model: str,
+    model: str | ModelEntry,
     data: str | None,
     output_dir: str,
-    overrides: Mapping[str, Any],
+    overrides: Mapping[str, Any] | None = None,
     *,
+    preset: str | None = None,
+    sets: Sequence[str] = (),
+    stage: str | None = None,
     command: str = "diagnose",
     resume: bool = False,
     overwrite: bool = False,
     control: str | None = None,
 ) -> Job:
     """Resolves and validates everything a run needs; writes nothing.
+
+    ``model`` is a :class:`~jaxstab.plugin.ModelEntry` or what ``--model`` takes (see
+    :func:`jaxstab.registry.get`). The run config is :func:`jaxstab.plugin.run_config`:
+    training defaults < the ``preset``'s config < ``sets`` (``"key=value"``) < ``overrides``
+    (``None`` values skipped), plus the run's ``model``, ``data``, ``preset`` and ``stage``.
 
     The output folder is checked by :func:`jaxstab.rundir.claim` (someone else's files,
     an existing run without ``overwrite``, ``resume`` without a train run, no write access:
@@ -96,16 +98,14 @@ def prepare(
     Raises ``KeyError`` (unknown model), ``FileNotFoundError``/``OSError`` (unreadable data),
     ``ValueError``/``TypeError`` (data failing validation, bad options, a refused folder).
     """
-    entry = registry.get(model)
-    config: dict[str, Any] = dict(entry.default_config)
-    config.update({k: v for k, v in overrides.items() if v is not None})
-    config.setdefault("seed", 0)
-    config.setdefault("explosion_norm", 100.0)
-    config["model"], config["data"] = model, data
-    for name in ("epochs", "batch_size"):
-        if name not in config:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer")
-    check_options(config)
+    entry = model if isinstance(model, ModelEntry) else registry.get(model)
+    config = plugin.run_config(entry, preset=preset, sets=sets, overrides=overrides)
+    config |= {
+        "model": model if isinstance(model, str) else entry.name,
+        "data": data,
+        "preset": preset or "default",
+        "stage": entry.stage(stage).name,
+    }
     out = os.path.abspath(output_dir)
     claimed = rundir.claim(out, command, resume=resume, overwrite=overwrite)
     for name in claimed.cleaned:
@@ -113,6 +113,8 @@ def prepare(
     if control is not None and data is None:
         raise ValueError("--control names the control label of a --data file")
     if data is not None:
+        if entry.load_data is None:
+            raise ValueError(f"model {entry.name!r} reads no --data files (it has no load_data)")
         if not os.path.exists(data):
             raise FileNotFoundError(f"data file not found: {data}")
         if not os.access(data, os.R_OK):
@@ -120,59 +122,17 @@ def prepare(
         options = {}
         if control is not None:
             if "control" not in inspect.signature(entry.load_data).parameters:
-                raise ValueError(f"model {model!r}'s data loader takes no --control")
+                raise ValueError(f"model {entry.name!r}'s data loader takes no --control")
             options["control"] = control
         dataset = entry.load_data(data, **options)
     else:
         dataset = entry.default_data(int(config["seed"]))
     if not isinstance(dataset, Dataset) or len(dataset) == 0:
-        raise ValueError(f"model {model!r} returned no training data")
+        raise ValueError(f"model {entry.name!r} returned no training data")
     return Job(entry, dataset, config, out, overwrite, rundir.fingerprint(dataset.arrays))
 
 
-_FLAGS = {
-    "total_warning": "--warn-norm",
-    "total_danger": "--danger-norm",
-    "group_warning": "--group-warn-norm",
-    "group_danger": "--group-danger-norm",
-}
-
-
-def _flag(name: str) -> str:
-    return _FLAGS.get(name, "--" + name.replace("_", "-"))
-
-
-def check_options(options: Mapping[str, Any]) -> None:
-    """Refuses a numeric option that is not finite and positive (``ValueError`` naming it).
-
-    Integers (``epochs``, ``batch_size``, ``steps_per_call``) must be positive integers;
-    ``lr``, ``explosion_norm`` and the warning/danger levels finite and > 0; ``grad_clip``
-    ``0`` (no clipping) or finite and > 0; ``seed`` an integer in ``[0, 2**32)``. ``None``
-    means the default and is accepted.
-
-    >>> check_options({"lr": 1e-3, "grad_clip": 0, "epochs": 2})
-    >>> check_options({"lr": float("nan")})
-    Traceback (most recent call last):
-    ValueError: --lr must be a finite number > 0, got nan
-    """
-    for name, value in options.items():
-        if value is None:
-            continue
-        if name in _POSITIVE_INTS or name == "seed":
-            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-            if name == "seed":
-                if not ok or not 0 <= int(value) < 2**32:
-                    raise ValueError(f"--seed must be an integer in [0, 2**32), got {value!r}")
-            elif not ok or int(value) < 1:
-                raise ValueError(f"{_flag(name)} must be a positive integer, got {value!r}")
-        elif name in _POSITIVE_FLOATS or name == "grad_clip":
-            real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-            x = float(value) if real else math.nan
-            if name == "grad_clip" and real and x == 0:
-                continue
-            if not (real and math.isfinite(x) and x > 0):
-                extra = " (0: no clipping)" if name == "grad_clip" else ""
-                raise ValueError(f"{_flag(name)} must be a finite number > 0{extra}, got {value!r}")
+check_options = check_settings  # the name the command line used before
 
 
 def _marker(job: Job, command: str, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -188,46 +148,36 @@ def _marker(job: Job, command: str, config: Mapping[str, Any]) -> dict[str, Any]
     )
 
 
-# Config keys the optimizer never reads; left out of the cache key below.
-_LOOP_KEYS = frozenset({"epochs", "batch_size", "seed", "data", "model", "explosion_norm"})
+# Run keys the optimizer never reads; left out of the cache key below.
+_LOOP_KEYS = frozenset({"epochs", "batch_size", "seed", "data", "explosion_norm", "thresholds"})
 _OPTIMIZERS: dict[tuple, optax.GradientTransformation] = {}
 
 
 def optimizer(entry: ModelEntry, config: Mapping[str, Any], *, guard: bool):
-    """The inner optimizer wrapped in ``stability_guard`` (or only ``log_norms``).
+    """The run's optimizer: :func:`jaxstab.train.stages.stage_optimizer` of the entry's inner
+    optimizer for the run's stage, guarded with the run's ``grad_clip`` (or only recording).
 
     The same transformation object is returned for the same model and optimizer settings, so
     repeated runs in one process (seeds, a resumed run) reuse ``fit``'s compiled step.
 
     >>> from jaxstab import registry
-    >>> cfg = {"lr": 1e-3, "grad_clip": 1.0}
-    >>> tx = optimizer(registry.get("cfmvc"), cfg, guard=True)
-    >>> tx is optimizer(registry.get("cfmvc"), {**cfg, "epochs": 3}, guard=True)
+    >>> entry = registry.get("cfmvc")
+    >>> cfg = plugin.run_config(entry) | {"stage": "vae"}
+    >>> tx = optimizer(entry, cfg, guard=True)
+    >>> tx is optimizer(entry, {**cfg, "epochs": 3}, guard=True)
     True
     """
-    try:
-        key = (
-            id(entry),
-            guard,
-            tuple(sorted((k, v) for k, v in config.items() if k not in _LOOP_KEYS)),
-        )
-        hash(key)
-    except TypeError:  # an unhashable config value: build afresh
-        key = None
-    if key is not None and key in _OPTIMIZERS:
-        return _OPTIMIZERS[key]
-    if entry.optimizer is not None:
-        inner = entry.optimizer(config)
-    else:
-        inner = optax.adamw(float(config["lr"]), weight_decay=float(config.get("weight_decay", 0)))
-    if not guard:  # plain optimizer; log_norms only records, it never changes an update
-        tx = optax.chain(jaxstab.log_norms(), inner)
-    else:
+    settings = {k: v for k, v in config.items() if k not in _LOOP_KEYS}
+    key = (id(entry), guard, json.dumps(report_json.jsonable(settings), sort_keys=True))
+    if key not in _OPTIMIZERS:
         clip = config.get("grad_clip")
-        tx = jaxstab.stability_guard(inner, clip=float(clip) if clip else None)
-    if key is not None:
-        _OPTIMIZERS[key] = tx
-    return tx
+        _OPTIMIZERS[key] = stage_optimizer(
+            plugin.inner_optimizer(entry, config),
+            entry.stage(config.get("stage")).trainable,
+            guard=guard,
+            clip=float(clip) if clip else None,
+        )
+    return _OPTIMIZERS[key]
 
 
 def split_eval(dataset: Dataset, seed: int) -> tuple[dict, dict | None]:
@@ -244,11 +194,15 @@ def split_eval(dataset: Dataset, seed: int) -> tuple[dict, dict | None]:
 
 def _flat_params(model: nnx.Module) -> dict[str, np.ndarray]:
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    flat = jax.tree_util.tree_flatten_with_path(pure)[0]
-    return {
-        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(v)
-        for path, v in flat
-    }
+    return {name: np.asarray(v) for name, v in tree_lib.flat_dict(pure).items()}
+
+
+def build_model(job: Job) -> nnx.Module:
+    """The job's model, built by its entry from the run config at the run's seed."""
+    cfg = job.config
+    return job.entry.build_model(
+        job.dataset, plugin.model_config(job.entry, cfg), nnx.Rngs(int(cfg["seed"]))
+    )
 
 
 def _train(
@@ -264,26 +218,36 @@ def _train(
 ) -> FitResult:
     cfg = job.config
     if model is None:
-        model = job.entry.build_model(job.dataset, cfg, nnx.Rngs(int(cfg["seed"])))
+        model = build_model(job)
+    stage = job.entry.stage(cfg.get("stage"))
+    loss_fn = stage.loss_fn or job.entry.loss_fn
     train_data, eval_data = split_eval(job.dataset, int(cfg["seed"]))
-    result = fit(
+    batch_size = int(cfg["batch_size"])
+    if stage.trainable is not None:  # the stage freezes something: check gradient agrees
+        first = {k: jax.numpy.asarray(v[:batch_size]) for k, v in train_data.items()}
+        flow = check_gradient_flow(
+            model, loss_fn, first, stage.trainable, jax.random.key(int(cfg["seed"]))
+        )
+        if not flow.ok:
+            raise RuntimeError(f"stage {stage.name!r}: gradient flow is wrong\n{flow}")
+    explosion = cfg.get("explosion_norm")
+    return fit(
         model,
         optimizer(job.entry, cfg, guard=guard),
-        job.entry.loss_fn,
+        loss_fn,
         train_data,
-        batch_size=int(cfg["batch_size"]),
+        batch_size=batch_size,
         epochs=int(cfg["epochs"]),
         key=jax.random.key(int(cfg["seed"])),
         steps_per_call=steps_per_call,
         eval_data=eval_data,
         checkpoint_dir=checkpoint_dir,
         resume=resume,
-        explosion_norm=float(cfg["explosion_norm"]) if cfg["explosion_norm"] else None,
+        explosion_norm=float(explosion) if explosion else None,
         record=record,
         progress=progress,
         batch_stats_fn=job.entry.feature_stats if record else None,
     )
-    return result
 
 
 def write_artifacts(
@@ -302,7 +266,7 @@ def write_artifacts(
     feats = tables.feature_table(h, steps_per_epoch=spe)
     tables.write_csv(os.path.join(directory, "gradient_stats.csv"), grad)
     tables.write_csv(os.path.join(directory, "input_features.csv"), feats)
-    skip = {"loss", "grad/global_norm"}
+    skip = {S.LOSS, S.GLOBAL_NORM}
     aux = {k: v for k, v in h.items() if "/" not in k and k not in skip}
     aux = {"loss": h["loss"], **aux}
     suspicious = [i for i, s in enumerate(feats["suspicious_features"]) if s]
@@ -347,7 +311,7 @@ def diagnose(
     run's files are replaced only with ``job.overwrite`` (checked by :func:`prepare`).
     """
     console = console or Console()
-    thresholds = thresholds or Thresholds(explosion=float(job.config["explosion_norm"] or 100))
+    thresholds = thresholds or plugin.thresholds(job.entry, job.config)
     warned = list(job.dataset.meta.get("warnings", ()))
     config = {**job.config, "guard": guard, **({"data_warnings": warned} if warned else {})}
     parent = os.path.dirname(job.output_dir)
@@ -355,7 +319,7 @@ def diagnose(
     tmp = tempfile.mkdtemp(prefix=rundir.temp_prefix(job.output_dir, "tmp"), dir=parent)
     try:
         rundir.write_marker(tmp, _marker(job, "diagnose", config))
-        model = job.entry.build_model(job.dataset, config, nnx.Rngs(int(config["seed"])))
+        model = build_model(job)
         before = _flat_params(model)
         result = _train(
             job._replace(config=config),

@@ -1,104 +1,141 @@
-"""Model registry: what ``jaxstab diagnose`` and ``jaxstab train`` need to know about a model.
+"""Finding a model's :class:`~jaxstab.plugin.ModelEntry` from what ``--model`` says.
 
-Each model package registers one :class:`ModelEntry` (in its ``train.py``); the CLI looks the
-entry up by name, so a new port plugs in without touching the CLI.
+``--model`` takes one of:
+
+- a registered name: an entry point of the group ``jaxstab.models`` (the built-in ports
+  register there in jaxstab's ``pyproject.toml``; a user's package registers the same way) or
+  an entry added with :func:`register` in this process;
+- ``package.module:ATTR``, an importable module and the name of its ``ModelEntry``;
+- ``path/to/file.py:ATTR``, a Python file (imported under a private module name) and the name
+  of its ``ModelEntry``.
+
+jaxstab itself names no model. A spec that resolves to nothing raises :class:`ModelSpecError`
+(a ``KeyError`` for an unknown name, listing the known ones).
 
 Example:
-  >>> from jaxstab import registry
-  >>> "cfmvc" in registry.names()
+  >>> "cfmvc" in names()
   True
+  >>> get("cfmvc").name
+  'cfmvc'
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import importlib
-from collections.abc import Callable, Mapping
-from typing import Any
+import importlib.metadata
+import importlib.util
+import os
+import sys
 
-import jax
-import numpy as np
-from flax import nnx
+from jaxstab.plugin import ModelEntry
 
-# loss_fn(model, batch, key) -> (scalar loss, {term name: scalar}); pure and jittable.
-LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    """Validated training data: per-example arrays with a shared leading axis, plus metadata.
-
-    ``arrays`` holds numpy arrays (moved to the device once by the training loop); ``meta``
-    holds sizes and vocabularies the model builder needs (``n_genes``, category names, ...).
-    """
-
-    arrays: Mapping[str, np.ndarray]
-    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        sizes = {k: np.shape(v)[0] for k, v in self.arrays.items()}
-        if len(set(sizes.values())) > 1:
-            first = next(iter(sizes))
-            bad = next(k for k, n in sizes.items() if n != sizes[first])
-            raise ValueError(
-                f"Dataset field {bad!r} has {sizes[bad]} rows but {first!r} has {sizes[first]}"
-            )
-
-    def __len__(self) -> int:
-        return int(np.shape(next(iter(self.arrays.values())))[0])
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelEntry:
-    """Everything the generic training loop and the diagnosis report need for one model.
-
-    Attributes:
-      name: registry name (``cfmvc``, ``e3gnn``, ``sidechain``, ``genoflow``).
-      default_data: ``seed -> Dataset``; bundled data that needs no download.
-      load_data: ``path -> Dataset``; validates before returning and raises ``ValueError``
-        naming the field and the first bad index.
-      build_model: ``(dataset, config, rngs) -> nnx.Module``.
-      loss_fn: ``(model, batch, key) -> (loss, aux)``, aux a dict of scalar loss terms.
-      default_config: model keyword arguments and training defaults (``epochs``,
-        ``batch_size``, ``lr``, ``weight_decay``, ``grad_clip``).
-      feature_stats: ``batch -> {name: scalar}``, jittable, a few dozen input statistics at most
-        (``x_col0_min`` ...), recorded every step into ``input_features.csv``.
-      optimizer: optional ``(config) -> optax.GradientTransformation`` for the inner optimizer
-        (default AdamW with ``lr`` and ``weight_decay``).
-    """
-
-    name: str
-    default_data: Callable[[int], Dataset]
-    load_data: Callable[[str], Dataset]
-    build_model: Callable[[Dataset, Mapping[str, Any], nnx.Rngs], nnx.Module]
-    loss_fn: LossFn
-    default_config: Mapping[str, Any]
-    feature_stats: Callable[[Mapping[str, jax.Array]], dict[str, jax.Array]]
-    optimizer: Callable[[Mapping[str, Any]], Any] | None = None
-
-
-# name -> "module:attribute" of its ModelEntry; imported only when asked for.
-_ENTRIES: dict[str, str] = {
-    "cfmvc": "models.cfmvc.train:ENTRY",
-}
+GROUP = "jaxstab.models"
 _EXTRA: dict[str, ModelEntry] = {}
 
 
+class ModelSpecError(KeyError):
+    """A ``--model`` spec that names no model entry; ``str()`` is one line."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def register(entry: ModelEntry) -> None:
-    """Registers ``entry`` under ``entry.name`` (replacing an earlier one of that name)."""
+    """Registers ``entry`` under ``entry.name`` for this process (replacing one of that name).
+
+    >>> import jax.numpy as jnp, numpy as np
+    >>> from jaxstab.plugin import Dataset
+    >>> toy = ModelEntry("toy-registered", lambda d, c, r: None, lambda m, b, k: (0.0, {}),
+    ...                  lambda seed: Dataset({"x": np.zeros((4, 1))}))
+    >>> register(toy); get("toy-registered") is toy
+    True
+    """
+    if not isinstance(entry, ModelEntry):
+        raise TypeError(f"register() takes a ModelEntry, got {type(entry).__name__}")
     _EXTRA[entry.name] = entry
 
 
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=GROUP)}
+
+
 def names() -> list[str]:
-    """Names of every registered model, sorted."""
-    return sorted({*_ENTRIES, *_EXTRA})
+    """Names of every registered model (entry points and :func:`register`), sorted."""
+    return sorted({*_entry_points(), *_EXTRA})
 
 
-def get(name: str) -> ModelEntry:
-    """Returns the entry for ``name``; ``KeyError`` with the known names if there is none."""
-    if name in _EXTRA:
-        return _EXTRA[name]
-    if name not in _ENTRIES:
-        raise KeyError(f"unknown model {name!r}; known models: {', '.join(names())}")
-    module, attr = _ENTRIES[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+def _checked(entry: object, spec: str) -> ModelEntry:
+    if not isinstance(entry, ModelEntry):
+        raise ModelSpecError(f"--model {spec}: {type(entry).__name__} is not a jaxstab.ModelEntry")
+    return entry
+
+
+def _from_file(path: str, spec: str) -> object:
+    if not os.path.isfile(path):
+        raise ModelSpecError(f"--model {spec}: no such file {path}")
+    # One private module name per file, so two user files never shadow each other and the
+    # file can import its own neighbours (its folder goes on sys.path while it loads).
+    full = os.path.abspath(path)
+    name = "_jaxstab_user_" + hashlib.sha1(full.encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, full)
+    if module_spec is None or module_spec.loader is None:
+        raise ModelSpecError(f"--model {spec}: cannot import {path}")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    folder = os.path.dirname(full)
+    sys.path.insert(0, folder)
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+    return module
+
+
+def _attribute(module: object, attr: str, spec: str) -> object:
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelSpecError(
+                f"--model {spec}: no attribute {attr!r} in {spec.rpartition(':')[0]}"
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+def get(spec: str) -> ModelEntry:
+    """The :class:`ModelEntry` that ``spec`` names (see the module docstring).
+
+    Raises :class:`ModelSpecError` for an unknown name (listing the known ones), a missing
+    file, module or attribute, or an object that is not a ``ModelEntry``. An exception raised
+    while the user's module runs propagates unchanged.
+    """
+    if spec in _EXTRA:
+        return _EXTRA[spec]
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or os.sep in attr or attr.endswith(".py"):
+        eps = _entry_points()
+        if spec not in eps:
+            raise ModelSpecError(
+                f"unknown model {spec!r}; known models: {', '.join(names()) or 'none'} "
+                "(or give package.module:ATTR or path/to/file.py:ATTR)"
+            )
+        return _checked(eps[spec].load(), spec)
+    if not attr:
+        raise ModelSpecError(f"--model {spec}: name the ModelEntry after the colon")
+    if target.endswith(".py") or os.sep in target or (os.altsep and os.altsep in target):
+        module = _from_file(target, spec)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as e:
+            if e.name is not None and target.startswith(e.name):
+                raise ModelSpecError(f"--model {spec}: no module named {e.name!r}") from None
+            raise
+    return _checked(_attribute(module, attr, spec), spec)

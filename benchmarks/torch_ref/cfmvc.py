@@ -1,9 +1,9 @@
-"""CFM-VC in PyTorch, written from the same description as ``models.cfmvc``, with the guards
+"""CFM-VC in PyTorch, written from the same description as ``jaxstab.models.cfmvc``, with the guards
 of the seed-002 version: ``eps``-protected NB log-likelihood with non-finite terms replaced by
 ``-1e6``, ``clip_grad_norm_`` and a per-parameter ``isfinite`` scan of the gradients every
 ``nan_check_interval`` batches.
 
-It reads the same :class:`~models.cfmvc.config.CFMVCConfig` as the Flax port and implements
+It reads the same :class:`~jaxstab.models.cfmvc.config.CFMVCConfig` as the Flax port and implements
 every choice in it (input transform, the three bounds, flow target, control encoding, alpha
 gating), so parity is checked for ``CFMVCConfig.default()`` and ``CFMVCConfig.original()``.
 :func:`torch_state_dict_to_nnx` copies weights onto the Flax model.
@@ -11,7 +11,7 @@ gating), so parity is checked for ``CFMVCConfig.default()`` and ``CFMVCConfig.or
 Example:
   >>> import torch
   >>> from flax import nnx
-  >>> from models.cfmvc import CFMVC, CFMVCConfig
+  >>> from jaxstab.models.cfmvc import CFMVC, CFMVCConfig
   >>> torch_model = CFMVCModel(20, 2, 3, 4, CFMVCConfig.small())
   >>> model = CFMVC(20, 2, 3, 4, CFMVCConfig.small(), rngs=nnx.Rngs(0))
   >>> model = torch_state_dict_to_nnx(torch_model.state_dict(), model)
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from flax import nnx
 from torch import nn
 
-from models.cfmvc.config import CFMVCConfig
+from jaxstab.models.cfmvc.config import CFMVCConfig
 
 EMB_DIM = 8
 TIME_DIM = 16
@@ -64,7 +64,7 @@ class _StraightThroughClamp(torch.autograd.Function):
 
 
 def bound(x: torch.Tensor, limit: float, mode: str) -> torch.Tensor:
-    """Torch version of ``models.cfmvc.model.bound``."""
+    """Torch version of ``jaxstab.models.cfmvc.model.bound``."""
     if mode == "soft":
         return soft_clip(x, -limit, limit)
     if mode == "straight_through":
@@ -163,7 +163,7 @@ def nb_log_likelihood(x, mean, theta, eps=EPS, exact=False):
 
 
 def encode_perturbation(p: torch.Tensor, config: CFMVCConfig) -> torch.Tensor:
-    """Torch version of ``models.cfmvc.model.encode_perturbation``."""
+    """Torch version of ``jaxstab.models.cfmvc.model.encode_perturbation``."""
     if config.control_encoding == "zero":
         return p
     k = config.control_column

@@ -13,6 +13,7 @@ from jaxstab.transforms.log_norms import LogNormsState, log_norms, ordered_histo
 from jaxstab.transforms.loss_scale import DynamicLossScaleState, dynamic_loss_scale, loss_scale
 from jaxstab.transforms.skip_bad_steps import SkipBadStepsState, skip_bad_steps
 from jaxstab.transforms.stats import find_states, read_stats
+from jaxstab.transforms.train_only import train_only
 from jaxstab.transforms.zclip import ZClipState, zclip
 from jaxstab.transforms.zero_nonfinite import ZeroNonfiniteState, zero_nonfinite
 
@@ -38,6 +39,7 @@ __all__ = [
     "read_stats",
     "skip_bad_steps",
     "stability_guard",
+    "train_only",
     "zclip",
     "zero_nonfinite",
 ]

@@ -2,8 +2,8 @@
 
 Example:
   >>> import jax
-  >>> from models.cfmvc import CFMVCConfig, generate_expression, load_anndata, simulate
-  >>> from models.cfmvc import train_cfmvc
+  >>> from jaxstab.models.cfmvc import CFMVCConfig, generate_expression, load_anndata, simulate
+  >>> from jaxstab.models.cfmvc import train_cfmvc
   >>> data = load_anndata(simulate(256, 40, n_perturbations=2, seed=0))
   >>> out = train_cfmvc(data, epochs=1, key=jax.random.key(0), config=CFMVCConfig.small())
   >>> cells = generate_expression(out.model, jax.numpy.array([-1, 0]), [0, 0], [0, 0],
@@ -12,19 +12,16 @@ Example:
   (2, 40)
 """
 
-from models.cfmvc.config import CFMVCConfig
-from models.cfmvc.data import load_anndata, simulate
-from models.cfmvc.generate import Generated, generate_expression
-from models.cfmvc.losses import flow_loss, joint_loss, mmd_rbf, vae_loss
-from models.cfmvc.model import CFMVC, ContextEncoder, DecoderNB, EncoderVAE, FlowField
-from models.cfmvc.train import (
+from jaxstab.models.cfmvc.config import CFMVCConfig
+from jaxstab.models.cfmvc.data import load_anndata, simulate
+from jaxstab.models.cfmvc.generate import Generated, generate_expression
+from jaxstab.models.cfmvc.losses import flow_loss, joint_loss, mmd_rbf, vae_loss
+from jaxstab.models.cfmvc.model import CFMVC, ContextEncoder, DecoderNB, EncoderVAE, FlowField
+from jaxstab.models.cfmvc.train import (
     ENTRY,
     STAGES,
-    StageConfig,
-    StageResult,
     TrainedCFMVC,
     build_model,
-    stage_optimizer,
     train_cfmvc,
     train_stage,
 )
@@ -39,8 +36,6 @@ __all__ = [
     "EncoderVAE",
     "FlowField",
     "Generated",
-    "StageConfig",
-    "StageResult",
     "TrainedCFMVC",
     "build_model",
     "flow_loss",
@@ -49,7 +44,6 @@ __all__ = [
     "load_anndata",
     "mmd_rbf",
     "simulate",
-    "stage_optimizer",
     "train_cfmvc",
     "train_stage",
     "vae_loss",

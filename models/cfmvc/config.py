@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["BOUND_MODES", "RUN_KEYS", "CFMVCConfig"]
+__all__ = ["BOUND_MODES", "CFMVCConfig"]
 
 # How a bounded quantity is bounded:
 #   "soft"             jaxstab.numerics.soft_clip: the identity well inside, a smooth saturation
@@ -44,8 +44,6 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "control_encoding": ("zero", "column"),
     "nb_likelihood": ("exact", "eps"),
 }
-# Keys of a run's settings (``jaxstab diagnose``) that are not model configuration.
-RUN_KEYS = frozenset({"seed", "model", "data", "guard"})
 
 _THRESHOLDS = MappingProxyType(
     {

@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from jaxstab.registry import Dataset
+from jaxstab.plugin import Dataset
 
 # Labels recognised as the unperturbed condition when ``control="auto"``. A label matches when
 # it equals one of these after both are lower-cased and stripped of spaces, "-", "_" and ".".

@@ -3,7 +3,7 @@
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from flax import nnx
-  >>> from models.cfmvc.model import CFMVC
+  >>> from jaxstab.models.cfmvc.model import CFMVC
   >>> model = CFMVC(30, 2, 2, 3, rngs=nnx.Rngs(0))
   >>> out = generate_expression(model, jnp.array([-1, 0, 2]), jnp.zeros(3, int),
   ...                           jnp.zeros(3, int), key=jax.random.key(0))
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.cfmvc.model import CFMVC
+from jaxstab.models.cfmvc.model import CFMVC
 
 
 class Generated(NamedTuple):
@@ -104,7 +104,7 @@ def generate_expression(
     The same ``key`` gives the same cells.
 
     Args:
-      model: a trained :class:`~models.cfmvc.model.CFMVC`.
+      model: a trained :class:`~jaxstab.models.cfmvc.model.CFMVC`.
       perturbation: one-hot ``[B, P]`` or integer codes ``[B]`` with ``-1`` for the control.
       batch, cell_type: integer codes ``[B]``.
       n_steps: Euler steps from ``t = 0`` to ``t = 1``.

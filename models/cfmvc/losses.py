@@ -7,7 +7,7 @@ comparison with another implementation can fix it.
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from flax import nnx
-  >>> from models.cfmvc.model import CFMVC
+  >>> from jaxstab.models.cfmvc.model import CFMVC
   >>> model = CFMVC(20, 2, 2, 3, rngs=nnx.Rngs(0))
   >>> batch = {"x": jnp.ones((4, 20)), "p": jnp.eye(4, 3), "batch": jnp.zeros(4, int),
   ...          "cell_type": jnp.zeros(4, int)}
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxstab import numerics
-from models.cfmvc.model import CFMVC
+from jaxstab.models.cfmvc.model import CFMVC
 
 Batch = Mapping[str, jax.Array]
 MMD_BANDWIDTHS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)

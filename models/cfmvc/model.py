@@ -4,7 +4,7 @@ Sub-module names follow the PyTorch original (``encoder.fc1``, ``decoder.mean_ou
 ``context_encoder.pert_mlp_layers``, ``flow.basis_head`` ...), so a PyTorch state dict maps
 onto ``nnx.state(model, nnx.Param)`` (see ``benchmarks/torch_ref/cfmvc.py``). Every size and
 every choice that differs from the original is a field of
-:class:`~models.cfmvc.config.CFMVCConfig`; ``CFMVCConfig.original()`` computes the original's
+:class:`~jaxstab.models.cfmvc.CFMVCConfig`; ``CFMVCConfig.original()`` computes the original's
 function.
 
 Example:
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxstab import numerics
-from models.cfmvc.config import BOUND_MODES, CFMVCConfig
+from jaxstab.models.cfmvc.config import BOUND_MODES, CFMVCConfig
 
 EMB_DIM = 8  # batch and cell-type embedding sizes of the original
 TIME_DIM = 16  # flow time embedding size
@@ -42,7 +42,7 @@ def _linear(n_in: int, n_out: int, rngs: nnx.Rngs, use_bias: bool = True) -> nnx
 
 
 def bound(x: jax.Array, limit: float, mode: str) -> jax.Array:
-    """``x`` bounded to ``±limit`` as ``mode`` says (see :data:`~models.cfmvc.config.BOUND_MODES`).
+    """``x`` bounded to ``±limit`` as ``mode`` says (see :data:`BOUND_MODES`).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -169,7 +169,7 @@ def encode_perturbation(p: jax.Array, config: CFMVCConfig) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from models.cfmvc.config import CFMVCConfig
+      >>> from jaxstab.models.cfmvc.config import CFMVCConfig
       >>> cfg = CFMVCConfig(control_encoding="column", control_column=1)
       >>> encode_perturbation(jnp.array([[0.0, 0.0], [1.0, 0.0]]), cfg).tolist()
       [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
@@ -302,7 +302,7 @@ class CFMVC(nnx.Module):
       n_genes, n_batches, n_cell_types: data sizes.
       n_perturbations: width of the data's perturbation one-hot (the control is the zero
         row there; ``config.control_encoding="column"`` adds its own column inside).
-      config: a :class:`~models.cfmvc.config.CFMVCConfig` (default: ``CFMVCConfig.default()``).
+      config: a :class:`~jaxstab.models.cfmvc.CFMVCConfig` (default: ``CFMVCConfig.default()``).
       rngs: ``nnx.Rngs`` with ``params`` (and ``dropout`` for training) streams.
       spatial_dim: size of ``obsm["spatial"]`` rows, or ``None`` for no spatial input.
       **overrides: config fields to replace (``CFMVC(..., dim_int=8)``).

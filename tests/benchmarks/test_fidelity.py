@@ -19,7 +19,7 @@ import torch
 from benchmarks import fidelity_cfmvc as fid
 from benchmarks import run as runner
 from benchmarks.torch_ref import cfmvc as tref
-from models.cfmvc import CFMVCConfig
+from jaxstab.models.cfmvc import CFMVCConfig
 
 N_CELLS, N_GENES, N_STEPS = 16, 30, 5
 

@@ -59,7 +59,7 @@ def test_docstring_examples(module):
 
 def test_deviation_variants_change_one_field_each():
     from benchmarks.deviations_cfmvc import FUNCTION_FIELDS, variants
-    from models.cfmvc import CFMVCConfig
+    from jaxstab.models.cfmvc import CFMVCConfig
 
     default, original = CFMVCConfig.default(), CFMVCConfig.original()
     found = dict(variants(control_column=2))

@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxstab import registry
 from jaxstab.cli import main
-from jaxstab.registry import Dataset, ModelEntry
+from jaxstab.plugin import Dataset, ModelEntry
 
 N, DIN = 96, 4
 PNGS = ("diagnostics.png", "gradient_heatmap.png", "feature_changes.png")
@@ -71,12 +71,12 @@ def _features(batch):
 
 
 TOY = ModelEntry(
-    name="toy_regression",
-    default_data=_default_data,
+    "toy_regression",
+    lambda ds, cfg, rngs: Toy(ds.meta["din"], rngs),
+    _loss,
+    _default_data,
     load_data=_load,
-    build_model=lambda ds, cfg, rngs: Toy(ds.meta["din"], rngs),
-    loss_fn=_loss,
-    default_config={"epochs": 3, "batch_size": 16, "lr": 1e-2, "grad_clip": 1.0},
+    config={"epochs": 3, "batch_size": 16, "lr": 1e-2, "grad_clip": 1.0},
     feature_stats=_features,
 )
 registry.register(TOY)

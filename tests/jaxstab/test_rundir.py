@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -14,7 +15,8 @@ import pytest
 from jaxstab import diagnose as diag
 from jaxstab import rundir
 from jaxstab.cli import main
-from jaxstab.registry import Dataset, ModelEntry, register
+from jaxstab.plugin import Dataset, ModelEntry
+from jaxstab.registry import register
 from tests.jaxstab.test_cli import BASE, TOY, _default_data
 
 
@@ -218,7 +220,7 @@ def _entry_with_warning() -> ModelEntry:
         ds = TOY.load_data(path)
         return Dataset(ds.arrays, {**ds.meta, "warnings": ["no control label found in 'p'"]})
 
-    return TOY.__class__(**{**TOY.__dict__, "name": "toy_warned", "load_data": load})
+    return dataclasses.replace(TOY, name="toy_warned", load_data=load)
 
 
 def test_data_warnings_reach_the_console_and_the_report(tmp_path, capsys):
@@ -247,7 +249,7 @@ def test_control_needs_a_loader_that_takes_it(tmp_path, capsys):
 
 
 def test_cfmvc_control_label_from_the_command_line(tmp_path):
-    from models.cfmvc import simulate
+    from jaxstab.models.cfmvc import simulate
 
     adata = simulate(120, 20, n_perturbations=2, seed=0)
     labels = adata.obs["perturbation"].astype(str)

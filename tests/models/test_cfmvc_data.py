@@ -11,8 +11,8 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.cfmvc import data as data_mod
-from models.cfmvc.data import load_anndata, simulate
+from jaxstab.models.cfmvc import data as data_mod
+from jaxstab.models.cfmvc.data import load_anndata, simulate
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_bad_spatial(adata):
 
 
 def test_shape_mismatch_and_types(adata):
-    from models.cfmvc.data import _check_counts
+    from jaxstab.models.cfmvc.data import _check_counts
 
     # AnnData itself refuses a mis-shaped layer; the loader's own check guards other callers.
     with pytest.raises(ValueError, match=re.escape("layers['counts'] has shape (119, 30)")):

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.cfmvc.data import CONTROL_LABELS, load_anndata, simulate
+from jaxstab.models.cfmvc.data import CONTROL_LABELS, load_anndata, simulate
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.cfmvc import data as data_mod
-from models.cfmvc.data import load_anndata, simulate
+from jaxstab.models.cfmvc import data as data_mod
+from jaxstab.models.cfmvc.data import load_anndata, simulate
 
 FORMATS = ["dense", "csr", "csc"]
 

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from models.cfmvc.data import load_anndata, simulate
+from jaxstab.models.cfmvc.data import load_anndata, simulate
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.cfmvc import CFMVC, CFMVCConfig, generate_expression, mmd_rbf
-from models.cfmvc.losses import flow_terms, vae_terms
+from jaxstab.models.cfmvc import CFMVC, CFMVCConfig, generate_expression, mmd_rbf
+from jaxstab.models.cfmvc.losses import flow_terms, vae_terms
 
 SMALL = CFMVCConfig.small()
 ORIGINAL = CFMVCConfig.small(CFMVCConfig.original())

@@ -14,8 +14,8 @@ from flax import nnx
 
 from benchmarks.torch_ref import cfmvc as tref
 from jaxstab import numerics
-from models.cfmvc import CFMVC, CFMVCConfig, load_anndata, simulate
-from models.cfmvc.losses import flow_terms, nb_log_prob_eps, vae_terms
+from jaxstab.models.cfmvc import CFMVC, CFMVCConfig, load_anndata, simulate
+from jaxstab.models.cfmvc.losses import flow_terms, nb_log_prob_eps, vae_terms
 
 N_GENES, N_BATCH, N_CT, N_PERT, B = 60, 2, 3, 4, 16
 SIZES = {"hidden_vae": 64, "hidden_ctx": 32, "hidden_flow": 48, "n_basis": 6}

@@ -1,24 +1,27 @@
-"""CFM-VC staged training: freezing, gradient-flow checks, loss decrease, registry entry."""
+"""CFM-VC staged training: freezing, gradient-flow checks, loss decrease, plugin entry."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 import jaxstab
-from jaxstab import registry
-from models.cfmvc import STAGES, StageConfig, load_anndata, simulate, train_cfmvc, train_stage
-from models.cfmvc.losses import flow_loss
-from models.cfmvc.train import (
-    ENTRY,
-    build_model,
-    check_gradient_flow,
-    feature_stats,
-    stage_optimizer,
+from jaxstab import diagnose, plugin, registry
+from jaxstab.models.cfmvc import (
+    STAGES,
+    CFMVCConfig,
+    load_anndata,
+    simulate,
+    train_cfmvc,
+    train_stage,
 )
+from jaxstab.models.cfmvc.losses import flow_loss
+from jaxstab.models.cfmvc.train import ENTRY, build_model, feature_stats
+from jaxstab.train.stages import check_gradient_flow, stage_optimizer
 
 CONFIG = {"hidden_vae": 32, "hidden_ctx": 16, "hidden_flow": 32, "n_basis": 4, "dim_int": 8}
 
@@ -81,15 +84,19 @@ def test_each_stage_moves_only_its_groups(trained):
 def test_joint_stage_reaches_every_group(trained, data):
     _, out = trained
     batch = {k: jnp.asarray(v[:64]) for k, v in data.arrays.items()}
-    report = check_gradient_flow(out.model, batch, STAGES["joint"], jax.random.key(5))
+    joint = STAGES["joint"]
+    report = check_gradient_flow(
+        out.model, joint.loss_fn, batch, joint.trainable, jax.random.key(5)
+    )
     assert report.ok
     assert all(report.norms[g] > 0.0 for g in ("encoder", "decoder", "context_encoder", "flow"))
 
 
 def test_frozen_groups_get_zero_updates_despite_gradient_and_decay():
-    tx = stage_optimizer(STAGES["flow"].trainable, weight_decay=0.1)
-    params = {"encoder": {"w": jnp.ones(3)}, "flow": {"w": jnp.ones(3)}}
-    grads = {"encoder": {"w": jnp.full(3, 5.0)}, "flow": {"w": jnp.full(3, 5.0)}}
+    tx = stage_optimizer(optax.adamw(1e-3, weight_decay=0.1), STAGES["flow"].trainable)
+    params = {g: {"w": jnp.ones(3)} for g in ("encoder", "context_encoder", "flow")}
+    grads = {"encoder": {"w": jnp.full(3, 5.0)}, "context_encoder": {"w": jnp.zeros(3)},
+             "flow": {"w": jnp.full(3, 5.0)}}  # fmt: skip
     updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
     assert np.all(np.asarray(updates["encoder"]["w"]) == 0.0)
     assert np.all(np.asarray(updates["flow"]["w"]) != 0.0)
@@ -99,13 +106,14 @@ def test_frozen_groups_get_zero_updates_despite_gradient_and_decay():
 
 def test_wrong_trainable_set_is_refused(data):
     model = build_model(data, CONFIG, nnx.Rngs(0))
-    bad = StageConfig("flow-only", ("flow",), flow_loss)  # context gets gradient but is frozen
+    # the context encoder gets gradient from the flow loss but this stage freezes it
+    bad = jaxstab.Stage(name="flow-only", trainable=("flow",), loss_fn=flow_loss)
     with pytest.raises(RuntimeError, match="context_encoder"):
         train_stage(model, data, bad, key=jax.random.key(0), epochs=1)
 
 
 def test_generation_after_training(trained):
-    from models.cfmvc import generate_expression
+    from jaxstab.models.cfmvc import generate_expression
 
     out = generate_expression(
         trained[1].model, jnp.array([-1, 0, 1, 2]), jnp.zeros(4, int), jnp.zeros(4, int),
@@ -114,19 +122,46 @@ def test_generation_after_training(trained):
     assert np.all(np.isfinite(out.expression)) and int(out.n_replaced) == 0
 
 
-def test_registry_entry(data):
+def test_plugin_entry(data):
     assert registry.get("cfmvc") is ENTRY
-    model = ENTRY.build_model(data, {**ENTRY.default_config, **CONFIG}, nnx.Rngs(0))
+    assert set(ENTRY.presets) == {"default", "original", "small"}
+    assert [s.name for s in ENTRY.stages] == ["vae", "flow", "joint"]
+    model = ENTRY.build_model(data, CFMVCConfig.default().replace(**CONFIG), nnx.Rngs(0))
     batch = {k: jnp.asarray(v[:16]) for k, v in data.arrays.items()}
-    loss, aux = nnx.jit(ENTRY.loss_fn)(model, batch, jax.random.key(0))
+    loss, aux = nnx.jit(ENTRY.stage().loss_fn)(model, batch, jax.random.key(0))
     assert set(aux) == {"nll", "kl"}
     assert float(loss) == pytest.approx(float(aux["nll"] + aux["kl"]), rel=1e-6)
-    tx = ENTRY.optimizer(ENTRY.default_config)
+    assert ENTRY.config.explosion_norm > 100.0
+
+
+def test_command_line_and_python_train_stage_one_with_the_same_chain(data):
+    """``jaxstab diagnose --model cfmvc`` and ``train_stage(..., "vae")``: one optimizer chain,
+    the same recorded groups and norms for the same gradient (the guard inside the freezing)."""
+    cfg = plugin.run_config(ENTRY) | {"stage": "vae"}
+    cli_tx = diagnose.optimizer(ENTRY, cfg, guard=True)
+    mc = ENTRY.config
+    py_tx = stage_optimizer(
+        optax.adamw(mc.lr, weight_decay=mc.weight_decay), STAGES["vae"].trainable, clip=mc.grad_clip
+    )
+    model = ENTRY.build_model(data, CFMVCConfig.small(), nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
-    grads = jax.tree.map(jnp.ones_like, params)
-    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
-    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates["flow"]))
-    assert ENTRY.default_config["explosion_norm"] > 100.0
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    out = []
+    for tx in (cli_tx, py_tx):
+        updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+        out.append((updates, jaxstab.read_stats(state)))
+    (u_cli, s_cli), (u_py, s_py) = out
+    assert set(s_cli) == set(s_py)
+    groups = {k.removeprefix("grad/norm/") for k in s_cli if k.startswith("grad/norm/")}
+    assert groups == {"encoder", "decoder"}  # frozen groups are not part of the clip or report
+    n_vae = sum(p.size for g in ("encoder", "decoder") for p in jax.tree.leaves(params[g]))
+    expected = 0.5 * np.sqrt(n_vae)
+    assert float(s_cli["grad/global_norm"]) == pytest.approx(expected, rel=1e-5)
+    for k in s_cli:
+        np.testing.assert_array_equal(np.asarray(s_cli[k]), np.asarray(s_py[k]), err_msg=k)
+    for a, b in zip(jax.tree.leaves(u_cli), jax.tree.leaves(u_py), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(u_cli["flow"]))
 
 
 def test_feature_stats(data):
