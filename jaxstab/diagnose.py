@@ -223,7 +223,7 @@ def _train(
     loss_fn = stage.loss_fn or job.entry.loss_fn
     train_data, eval_data = split_eval(job.dataset, int(cfg["seed"]))
     batch_size = int(cfg["batch_size"])
-    if stage.trainable is not None:  # the stage freezes something: check gradient agrees
+    if stage.trainable is not None and stage.check_flow:  # check gradient reaches what trains
         first = {k: jax.numpy.asarray(v[:batch_size]) for k, v in train_data.items()}
         flow = check_gradient_flow(
             model, loss_fn, first, stage.trainable, jax.random.key(int(cfg["seed"]))

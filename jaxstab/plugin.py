@@ -104,7 +104,11 @@ class Dataset:
 class Stage:
     """One training stage: which top-level parameter groups train, on which loss.
 
-    ``trainable=None`` trains every group. ``loss_fn=None`` is the entry's loss.
+    ``trainable=None`` trains every group. ``loss_fn=None`` is the entry's loss. With
+    ``check_flow`` (the default) a stage that freezes groups first checks on one batch that
+    its loss gives every trainable group finite non-zero gradient and every frozen group none
+    (its loss must not reach them, e.g. through ``stop_gradient``); ``check_flow=False``
+    allows a frozen group to receive gradient (fine-tuning a head on a frozen body).
 
     >>> Stage(name="vae", trainable=("encoder", "decoder")).trainable
     ('encoder', 'decoder')
@@ -113,6 +117,7 @@ class Stage:
     name: str
     trainable: tuple[str, ...] | None = None
     loss_fn: LossFn | None = None
+    check_flow: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,7 +67,10 @@ def names() -> list[str]:
 
 def _checked(entry: object, spec: str) -> ModelEntry:
     if not isinstance(entry, ModelEntry):
-        raise ModelSpecError(f"--model {spec}: {type(entry).__name__} is not a jaxstab.ModelEntry")
+        name = getattr(entry, "__name__", None)
+        kind = type(entry).__name__
+        what = f"{name} (a {kind})" if name else f"a {kind}"
+        raise ModelSpecError(f"--model {spec}: {what} is not a jaxstab.ModelEntry")
     return entry
 
 

@@ -36,7 +36,7 @@ def _run(code: str, env: dict[str, str] | None = None) -> str:
 
 
 def test_every_block_is_covered():
-    assert len(BLOCKS) == 5
+    assert len(BLOCKS) == 6  # the user-model block runs in tests/jaxstab/test_plugin.py
 
 
 def test_safe_math_example():

@@ -7,6 +7,8 @@ entry per step named ``loss``, ``grad/global_norm``, ``grad/norm/<group>``,
 
 Example:
   >>> import numpy as np
+
+from jaxstab import stat_names as S
   >>> h = {"loss": np.array([1.0, 0.5]), "grad/global_norm": np.array([2.0, 1.0]),
   ...      "grad/norm/enc": np.array([1.5, 0.5]), "grad/norm/dec": np.array([1.0, 0.8])}
   >>> t = gradient_table(h, steps_per_epoch=1, lr=np.array([0.1, 0.1]))
@@ -22,7 +24,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-NORM, NAN, INF, INPUT = "grad/norm/", "grad/nan/", "grad/inf/", "input/"
+from jaxstab import stat_names as S
+
+NORM, NAN, INF, INPUT = S.GROUP_NORM, S.GROUP_NAN, S.GROUP_INF, S.INPUT
 
 
 def groups(history: Mapping[str, np.ndarray]) -> list[str]:
@@ -55,15 +59,15 @@ def gradient_table(
     table: dict[str, np.ndarray] = {
         "step": np.arange(n),
         "epoch": np.arange(n) // steps_per_epoch,
-        "loss": np.asarray(history["loss"], np.float64),
+        "loss": np.asarray(history[S.LOSS], np.float64),
         "lr": np.asarray(lr, np.float64),
-        "total_grad_norm": np.asarray(history["grad/global_norm"], np.float64),
+        "total_grad_norm": np.asarray(history[S.GLOBAL_NORM], np.float64),
         # fmax: a NaN group norm must not hide the finite ones; all-NaN stays NaN.
         "max_grad_norm": (np.fmax.reduce(group_norms, axis=0) if names else np.full(n, np.nan)),
         "num_nan_grads": _sum(history, NAN, n),
         "num_inf_grads": _sum(history, INF, n),
-        "clipped": np.asarray(history.get("clip/clipped", zeros), dtype=np.int64),
-        "skipped": np.asarray(history.get("skip/skipped", zeros), dtype=np.int64),
+        "clipped": np.asarray(history.get(S.CLIP_CLIPPED, zeros), dtype=np.int64),
+        "skipped": np.asarray(history.get(S.SKIP_SKIPPED, zeros), dtype=np.int64),
     }
     for g, row in zip(names, group_norms, strict=True):
         table[f"grad_norm:{g}"] = row
@@ -110,6 +114,8 @@ def feature_table(
     ...                   steps_per_epoch=2)
     >>> list(t), t["suspicious_features"]
     (['step', 'epoch', 'x_col0_min', 'suspicious_features'], ['', ''])
+    >>> feature_table({"loss": np.zeros(2)}, steps_per_epoch=2)["suspicious_features"]
+    ['', '']
     """
     n = n_steps(history)
     feats = {k[len(INPUT) :]: np.asarray(v) for k, v in history.items() if k.startswith(INPUT)}
@@ -118,7 +124,10 @@ def feature_table(
         "epoch": np.arange(n) // steps_per_epoch,
     }
     table.update(feats)
-    table["suspicious_features"] = suspicious_features(feats, z_limit=z_limit)
+    # No input statistics (a model without feature_stats): an empty flag per step.
+    table["suspicious_features"] = (
+        suspicious_features(feats, z_limit=z_limit) if feats else [""] * n
+    )
     return table
 
 

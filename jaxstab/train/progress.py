@@ -21,6 +21,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from jaxstab import stat_names as S
+
 
 class TrainProgress:
     """A step counter drawn on stderr; a no-op when ``enabled`` is False.
@@ -55,12 +57,12 @@ class TrainProgress:
         parts = []
         if epoch is not None:
             parts.append(f"epoch {epoch}")
-        if "loss" in last:
-            parts.append(f"loss {float(last['loss']):.4g}")
-        if "grad/global_norm" in last:
-            parts.append(f"|g| {float(last['grad/global_norm']):.3g}")
-        if "skip/total" in last:
-            parts.append(f"skips {int(last['skip/total'])}")
+        if S.LOSS in last:
+            parts.append(f"loss {float(last[S.LOSS]):.4g}")
+        if S.GLOBAL_NORM in last:
+            parts.append(f"|g| {float(last[S.GLOBAL_NORM]):.3g}")
+        if S.SKIP_TOTAL in last:
+            parts.append(f"skips {int(last[S.SKIP_TOTAL])}")
         self._progress.update(self._task, advance=advance, metrics="  ".join(parts))
 
     def close(self) -> None:

@@ -19,8 +19,8 @@ Example:
   >>> class Two(nnx.Module):
   ...     def __init__(self, rngs):
   ...         self.a, self.b = nnx.Linear(2, 2, rngs=rngs), nnx.Linear(2, 1, rngs=rngs)
-  ...     def __call__(self, x):
-  ...         return self.b(self.a(x))
+  ...     def __call__(self, x):  # the head trains on features that are held fixed
+  ...         return self.b(jax.lax.stop_gradient(self.a(x)))
   >>> def loss(m, batch, key):
   ...     return jnp.mean((m(batch["x"]) - batch["y"]) ** 2), {}
   >>> x = np.ones((8, 2), np.float32)
@@ -124,7 +124,7 @@ def run_stage(
     k_check, k_fit = jax.random.split(key)
     first = {k: jnp.asarray(v[:batch_size]) for k, v in arrays.items()}
     report = check_gradient_flow(model, loss, first, stage.trainable, k_check)
-    if not report.ok:
+    if stage.check_flow and not report.ok:
         raise RuntimeError(f"stage {stage.name!r}: gradient flow is wrong\n{report}")
     tx = stage_optimizer(inner, stage.trainable, guard=guard, clip=clip)
     result = fit(

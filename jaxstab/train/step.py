@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxstab import stat_names as S
 from jaxstab.train import batching
 
 # Halt codes carried on the device; the host reads them once per call.
@@ -40,7 +41,7 @@ STATUS_NAMES = {RUNNING: "ok", EXPLOSION: "explosion", NONFINITE: "nonfinite"}
 
 # Per-step outputs that are always present.
 VALID = "_valid"
-GLOBAL_NORM = "grad/global_norm"
+GLOBAL_NORM = S.GLOBAL_NORM
 
 
 class Carry(NamedTuple):
@@ -127,16 +128,16 @@ def make_step_fn(
         )
         new_carry = Carry(*kept, halt.astype(jnp.int32))
 
-        out: dict[str, jax.Array] = {"loss": loss}
+        out: dict[str, jax.Array] = {S.LOSS: loss}
         out.update({str(k): jnp.asarray(v) for k, v in aux.items()})
         stats = read_stats(new_opt_state) if read_stats is not None else {}
         if record:
             out.update(stats)
         else:  # the progress bar still shows skips and clips when the chain keeps them
-            out.update({k: stats[k] for k in ("skip/total", "clip/clipped") if k in stats})
+            out.update({k: stats[k] for k in (S.SKIP_TOTAL, S.CLIP_CLIPPED) if k in stats})
         out.setdefault(GLOBAL_NORM, gnorm)
         if record and batch_stats_fn is not None:
-            out.update({f"input/{k}": jnp.asarray(v) for k, v in batch_stats_fn(batch).items()})
+            out.update({S.INPUT + str(k): jnp.asarray(v) for k, v in batch_stats_fn(batch).items()})
         out[VALID] = running
         return new_carry, out
 

@@ -264,10 +264,3 @@ def test_cfmvc_control_label_from_the_command_line(tmp_path):
     named = diag.prepare("cfmvc", str(path), out, {}, control=str(control_code))
     assert str(named.dataset.meta["control"]) == str(control_code)
     assert not np.asarray(named.dataset.arrays["p"])[labels.to_numpy() == "control"].any()
-
-
-def test_module_doctests():
-    import doctest
-
-    result = doctest.testmod(rundir, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

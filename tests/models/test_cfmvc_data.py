@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import re
 
 import numpy as np
@@ -11,7 +10,6 @@ import scipy.sparse as sp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxstab.models.cfmvc import data as data_mod
 from jaxstab.models.cfmvc.data import load_anndata, simulate
 
 
@@ -176,8 +174,3 @@ def test_only_control_is_rejected(adata):
     b = adata[adata.obs["perturbation"] == "control"].copy()
     with pytest.raises(ValueError, match="only the control"):
         load_anndata(b)
-
-
-def test_module_doctests():
-    result = doctest.testmod(data_mod, optionflags=doctest.ELLIPSIS)
-    assert result.attempted >= 6 and result.failed == 0

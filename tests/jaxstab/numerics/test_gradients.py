@@ -3,9 +3,6 @@ docstring examples of every module."""
 
 from __future__ import annotations
 
-import doctest
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,14 +40,3 @@ def test_check_grads_interior_float64(name, cases):
         check_grads(
             partial, tuple(args[i] for i in argnums), order=order, modes=("fwd", "rev"), eps=1e-4
         )
-
-
-@pytest.mark.parametrize(
-    "module",
-    ["elementary", "bounds", "geometry", "distributions", "statistics", "attention"],
-)
-def test_docstring_examples_run(module):
-    mod = importlib.import_module(f"jaxstab.numerics.{module}")
-    result = doctest.testmod(mod, optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0
-    assert result.failed == 0
