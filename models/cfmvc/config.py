@@ -70,11 +70,11 @@ class CFMVCConfig:
     Function choices (``default()`` → ``original()``):
       input_transform: encoder input, ``"log1p"`` of the counts → ``"none"`` (raw counts).
       logvar_bound, logvar_limit: encoder logvar bound (see :data:`BOUND_MODES`), ``"soft"`` →
-        ``"straight_through"``, both to ±10.
-      mean_bound, log_mean_limit: decoder log-mean bound, ``"soft"`` → ``"straight_through"``,
-        ±20.
+        ``"clip"``, both to ±10.
+      mean_bound, log_mean_limit: decoder log-mean bound, ``"soft"`` → ``"clip"``, ±20.
       theta_bound, log_theta_limit: bound of the per-gene ``log_theta``, ``"none"`` →
-        ``"straight_through"``, ±10.
+        ``"clip"``, ±10. (``original(straight_through=True)``: ``"straight_through"`` for all
+        three.)
       flow_target: flow-matching endpoint, ``"mean"`` (stop-gradient encoder mean, encoder
         without dropout) → ``"sample"`` (a posterior sample from the encoder in the model's
         mode, dropout included, as the original's stage-2 loop encodes in train mode).
@@ -176,21 +176,27 @@ class CFMVCConfig:
         return cls()
 
     @classmethod
-    def original(cls) -> CFMVCConfig:
-        """The original code's function (``cfm_vc`` 2.0.1), with straight-through clamps.
+    def original(cls, *, straight_through: bool = False) -> CFMVCConfig:
+        """The original code's function (``cfm_vc`` 2.0.1): values and gradients.
 
-        The forward values are the original's; where a clamp is active the gradient passes
-        straight through instead of being 0 (``mean_bound="clip"`` etc. give torch's zero).
+        Its bounds are the original's ``torch.clamp``: where a clamp is active the gradient is
+        0, as there. ``straight_through=True`` keeps the clamps' forward values but passes the
+        gradient through them (``jaxstab.numerics.straight_through_clip``), so a clamped
+        log-mean still learns; the function is the same, its gradients differ where a clamp is
+        active.
 
         >>> cfg = CFMVCConfig.original()
         >>> cfg.control_encoding, cfg.theta_bound, cfg.alpha_gating, cfg.epochs
-        ('column', 'straight_through', False, 50)
+        ('column', 'clip', False, 50)
+        >>> CFMVCConfig.original(straight_through=True).mean_bound
+        'straight_through'
         """
+        mode = "straight_through" if straight_through else "clip"
         return cls(
             input_transform="none",
-            logvar_bound="straight_through",
-            mean_bound="straight_through",
-            theta_bound="straight_through",
+            logvar_bound=mode,
+            mean_bound=mode,
+            theta_bound=mode,
             flow_target="sample",
             control_encoding="column",
             nb_likelihood="eps",

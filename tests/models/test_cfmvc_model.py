@@ -195,8 +195,10 @@ def test_config_from_dict_rejects_unknown_keys_and_bad_choices():
         CFMVC(G, NB, NC, NP, SMALL, rngs=nnx.Rngs(0), n_layers=3)
 
 
-def test_original_preset_bounds_are_hard_clamps_with_straight_through_gradient():
-    m = CFMVC(G, NB, NC, NP, ORIGINAL, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_original_preset_bounds_are_hard_clamps(straight_through):
+    cfg = CFMVCConfig.small(CFMVCConfig.original(straight_through=straight_through))
+    m = CFMVC(G, NB, NC, NP, cfg, rngs=nnx.Rngs(0))
     m.eval()
     m.decoder.mean_out.bias[...] = jnp.full((G,), 50.0).at[0].set(3.0)
     m.decoder.log_theta[...] = jnp.full((G,), -30.0).at[0].set(2.0)
@@ -207,9 +209,13 @@ def test_original_preset_bounds_are_hard_clamps_with_straight_through_gradient()
     np.testing.assert_allclose(np.asarray(theta[1:]), np.exp(np.float32(-10.0)), rtol=1e-6)
     assert float(theta[0]) == pytest.approx(np.exp(2.0), rel=1e-6)
     g = nnx.grad(lambda d: jnp.sum(jnp.log(d(*z)[0])) + jnp.sum(jnp.log(d(*z)[1])))(m.decoder)
-    # d log(mean) / d bias = 1 per cell through the clamp (a plain clamp would give 0).
-    np.testing.assert_allclose(np.asarray(g["mean_out"]["bias"][...]), 2.0, rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(g["log_theta"][...]), 1.0, rtol=1e-6)
+    # d log(mean) / d bias per cell: 1 inside the clamp; outside, 0 as torch.clamp gives, or 1
+    # through the straight-through clamp.
+    outside = 1.0 if straight_through else 0.0
+    np.testing.assert_allclose(np.asarray(g["mean_out"]["bias"][...][0]), 2.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g["mean_out"]["bias"][...][1:]), 2.0 * outside)
+    np.testing.assert_allclose(np.asarray(g["log_theta"][...][0]), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g["log_theta"][...][1:]), outside)
     # The default leaves log_theta unbounded and its soft bounds leave small values alone.
     d = CFMVC(G, NB, NC, NP, SMALL, rngs=nnx.Rngs(0))
     d.decoder.log_theta[...] = jnp.full((G,), -30.0)
