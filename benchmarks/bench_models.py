@@ -1,14 +1,18 @@
-"""Stage-1 training speed and peak memory of the model ports against their PyTorch versions.
+"""Training speed and peak memory of one stage of each port against its PyTorch version.
 
-``python -m benchmarks.bench_models --model cfmvc`` runs the seed-002 configuration (10 000
-simulated cells × 2000 genes, batch 64, 157 steps per epoch) for five variants, each in its
-own subprocess so that peak memory is per variant:
+``python -m benchmarks.run --suite speed [--model NAME]`` (or ``python -m
+benchmarks.bench_models``) trains, for every spec of :mod:`benchmarks.specs` (or the ones
+named) at its ``"full"`` size (CFM-VC: 10 000 simulated cells x 2000 genes, batch 64, 157 steps
+per epoch), the spec's stage with five variants, each in its own subprocess so that peak
+memory is per variant:
 
-- ``jax_scan``: ``jaxstab.train.fit`` with one jitted ``lax.scan`` per epoch;
-- ``jax_scan_unguarded``: the same with plain AdamW instead of ``stability_guard`` (the
-  guard's cost on this model);
+- ``jax_scan``: ``jaxstab.train.fit`` with one jitted ``lax.scan`` per epoch and the stage's
+  optimizer ``jaxstab.train.stages.stage_optimizer(inner, trainable)`` (the guard inside the
+  freezing; ``inner`` the port's, e.g. AdamW with the config's ``lr`` and ``weight_decay``);
+- ``jax_scan_unguarded``: the same with ``stage_optimizer(..., guard=False)``, which only
+  records norms (the guard's cost on this model);
 - ``jax_step``: ``fit`` with ``steps_per_call=1`` (one jitted call per step);
-- ``torch_eager``: the PyTorch version's stage-1 loop (seed guards included);
+- ``torch_eager``: the PyTorch version's own loop (``spec.train_torch``, seed guards included);
 - ``torch_compile``: the same with ``torch.compile`` on the loss.
 
 Seconds per epoch exclude compilation: for JAX, a first one-epoch ``fit`` call compiles
@@ -16,171 +20,184 @@ Seconds per epoch exclude compilation: for JAX, a first one-epoch ``fit`` call c
 the compiled step, is timed over ``E`` epochs; for PyTorch the first epoch is dropped. Peak
 memory on CPU is the process's peak resident set size
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``), so it includes the Python runtime, the framework
-and the data. Writes ``benchmarks/results/models-<platform>.json`` and ``.md``.
+and the data. Run directly, writes ``benchmarks/results/models-<platform>.json`` and ``.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from benchmarks import specs
+from benchmarks.meta import describe, environment
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("jax_scan", "jax_scan_unguarded", "jax_step", "torch_eager", "torch_compile")
-CFMVC = {"n_cells": 10_000, "n_genes": 2000, "n_perturbations": 10, "batch_size": 64}
+SIZE = "full"
+MEMORY = "peak resident set size of the variant's process (getrusage ru_maxrss)"
 
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _cfmvc_variant(variant: str, epochs: int, seed: int = 0) -> dict[str, Any]:
-    from jaxstab.models.cfmvc import load_anndata, simulate
+def jax_setup(spec: specs.ModelSpec, variant: str, size: str = SIZE, seed: int = 0):
+    """``(model, dataset, tx, loss_fn, run config)`` of a JAX variant: the spec's stage with
+    ``stage_optimizer(inner, trainable, guard=variant != "jax_scan_unguarded")``."""
+    from jaxstab import plugin
+    from jaxstab.train.stages import stage_optimizer
 
-    data = load_anndata(
-        simulate(CFMVC["n_cells"], CFMVC["n_genes"], CFMVC["n_perturbations"], seed=seed)
-    )
-    meta = data.meta
-    sizes = (meta["n_genes"], meta["n_batches"], meta["n_cell_types"], meta["n_perturbations"])
-    bs = CFMVC["batch_size"]
-    if variant.startswith("jax"):
-        import jax
-        import optax
-        from flax import nnx
+    entry = spec.model_entry()
+    stage = entry.stage(spec.stage)
+    cfg = spec.run_config(size)
+    model, dataset = spec.build_jax(size, "default", seed)
+    inner = plugin.inner_optimizer(entry, cfg)
+    tx = stage_optimizer(inner, stage.trainable, guard=variant != "jax_scan_unguarded",
+                         clip=cfg["grad_clip"] or None)  # fmt: skip
+    return model, dataset, tx, stage.loss_fn or entry.loss_fn, cfg
 
-        from jaxstab.models.cfmvc.losses import vae_loss
-        from jaxstab.models.cfmvc.model import CFMVC as Model
-        from jaxstab.models.cfmvc.train import (
-            EXPLOSION_NORM,
-            STAGES,
-            freeze_except,
-            stage_optimizer,
-        )
-        from jaxstab.train import fit
 
-        model = Model(*sizes, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
-        spc = 1 if variant == "jax_step" else None
+def _jax_variant(spec: specs.ModelSpec, variant: str, epochs: int, size: str, seed: int):
+    import jax
+    from flax import nnx
 
-        # One optimizer object: fit caches the compiled step per optimizer, so the second
-        # call below runs without compiling and times the epochs alone.
-        tx = stage_optimizer(STAGES["vae"].trainable)
-        if variant == "jax_scan_unguarded":  # the guard's cost on this model
-            tx = freeze_except(optax.adamw(1e-3, weight_decay=1e-5), STAGES["vae"].trainable)
+    from jaxstab.train import fit
 
-        def timed(n_epochs: int) -> tuple[float, Any]:
-            start = time.perf_counter()
-            res = fit(model, tx, vae_loss, data.arrays, batch_size=bs, epochs=n_epochs,
-                      key=jax.random.key(seed), steps_per_call=spc,
-                      explosion_norm=EXPLOSION_NORM)  # fmt: skip
-            jax.block_until_ready(nnx.state(res.model))
-            return time.perf_counter() - start, res
+    # One optimizer object: fit caches the compiled step per optimizer, so the second call
+    # below runs without compiling and times the epochs alone.
+    model, dataset, tx, loss_fn, cfg = jax_setup(spec, variant, size, seed)
+    steps_per_call = 1 if variant == "jax_step" else None
 
-        t1, _ = timed(1)
-        tn, res = timed(epochs)
-        per_epoch = tn / epochs
-        final = float(res.epoch_history["train_loss"][-1])
-        steps = res.steps_per_epoch
-        first_call = t1
-    else:
-        import torch
-
-        from benchmarks.torch_ref.cfmvc import CFMVCModel, train_stage1
-
-        torch.manual_seed(seed)
-        model = CFMVCModel(*sizes)
+    def timed(n_epochs: int) -> tuple[float, Any]:
         start = time.perf_counter()
-        hist = train_stage1(model, data.arrays, epochs=1 + epochs, batch_size=bs, seed=seed,
+        res = fit(model, tx, loss_fn, dataset.arrays, batch_size=spec.size(size)["batch_size"],
+                  epochs=n_epochs, key=jax.random.key(seed), steps_per_call=steps_per_call,
+                  explosion_norm=cfg["explosion_norm"])  # fmt: skip
+        jax.block_until_ready(nnx.state(res.model))
+        return time.perf_counter() - start, res
+
+    first, _ = timed(1)
+    seconds, res = timed(epochs)
+    return {
+        "seconds_per_epoch": seconds / epochs,
+        "first_epoch_seconds_incl_compile": first,
+        "steps_per_epoch": res.steps_per_epoch,
+        "final_epoch_loss": float(res.epoch_history["train_loss"][-1]),
+        "status": res.status,
+    }
+
+
+def _torch_variant(spec: specs.ModelSpec, variant: str, epochs: int, size: str, seed: int):
+    bs = spec.size(size)["batch_size"]
+    dataset = spec.data(size, seed)
+    model = spec.build_torch(size, "default", seed)
+    hist = spec.train_torch(model, dataset, epochs=1 + epochs, batch_size=bs, seed=seed,
                             compile=variant == "torch_compile")  # fmt: skip
-        del start
-        per_epoch = sum(hist["epoch_seconds"][1:]) / epochs
-        first_call = hist["epoch_seconds"][0]
-        steps = -(-CFMVC["n_cells"] // bs)
-        final = float(sum(hist["loss"][-steps:]) / steps)
+    steps = -(-len(dataset) // bs)
     return {
-        "variant": variant,
-        "seconds_per_epoch": per_epoch,
-        "first_epoch_seconds_incl_compile": first_call,
+        "seconds_per_epoch": sum(hist["epoch_seconds"][1:]) / epochs,
+        "first_epoch_seconds_incl_compile": hist["epoch_seconds"][0],
         "steps_per_epoch": steps,
-        "timed_epochs": epochs,
-        "final_epoch_loss": final,
-        "peak_rss_mib": _peak_rss_mib(),
+        "final_epoch_loss": float(sum(hist["loss"][-steps:]) / steps),
     }
 
 
-def _device() -> str:
-    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+def run_variant(
+    model: str, variant: str, epochs: int, size: str = SIZE, seed: int = 0
+) -> dict[str, Any]:
+    """One variant in this process: seconds per epoch, compile time, final loss, peak RSS."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
+    spec = specs.get(model)
+    run_one = _jax_variant if variant.startswith("jax") else _torch_variant
+    row = run_one(spec, variant, epochs, size, seed)
+    return {"variant": variant, **row, "timed_epochs": epochs, "peak_rss_mib": _peak_rss_mib()}
 
 
-def run(model: str = "cfmvc", epochs: int = 2, variants: tuple[str, ...] = VARIANTS) -> dict:
-    """Runs every variant in a subprocess and returns the combined result dictionary."""
-    if model != "cfmvc":
-        raise ValueError(f"unknown model {model!r}; this benchmark knows: cfmvc")
-    rows = []
-    for variant in variants:
-        cmd = [sys.executable, "-m", "benchmarks.bench_models", "--model", model,
-               "--variant", variant, "--epochs", str(epochs)]  # fmt: skip
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            rows.append({"variant": variant, "error": proc.stderr[-2000:]})
-        else:
-            rows.append(json.loads(lines[-1]))
-    return {
-        "model": model,
-        "stage": "stage 1 (VAE)",
-        "device": _device(),
-        "config": CFMVC,
-        "memory": "peak resident set size of the variant's process (getrusage ru_maxrss)",
-        "results": rows,
-    }
+def _subprocess(model: str, variant: str, epochs: int, size: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.bench_models", "--model", model,
+           "--variant", variant, "--epochs", str(epochs), "--size", size]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"variant": variant, "error": proc.stderr[-2000:]}
+    return json.loads(lines[-1])
 
 
-def to_markdown(result: dict) -> str:
-    """A results table in Markdown."""
-    cfg = result["config"]
-    lines = [
-        f"# {result['model']} {result['stage']}: {cfg['n_cells']} cells × {cfg['n_genes']} "
-        f"genes, batch {cfg['batch_size']}",
-        "",
-        f"Device: {result['device']}. Memory: {result['memory']}.",
-        "",
-        "| variant | s / epoch | first epoch incl. compile (s) | peak RSS (MiB) | final loss |",
-        "|---|---|---|---|---|",
-    ]
-    for r in result["results"]:
-        if "error" in r:
-            lines.append(f"| {r['variant']} | failed | | | |")
-            continue
-        lines.append(
-            f"| {r['variant']} | {r['seconds_per_epoch']:.2f} | "
-            f"{r['first_epoch_seconds_incl_compile']:.1f} | {r['peak_rss_mib']:.0f} | "
-            f"{r['final_epoch_loss']:.1f} |"
-        )
-    return "\n".join(lines) + "\n"
+def run(
+    models: Iterable[str] | None = None,
+    epochs: int = 2,
+    variants: Iterable[str] = VARIANTS,
+    size: str = SIZE,
+) -> dict[str, Any]:
+    """Every variant of every spec (or of ``models``), each in a subprocess."""
+    out: dict[str, Any] = {}
+    for spec in specs.select(models):
+        out[spec.name] = {
+            "stage": spec.stage,
+            "size": size,
+            "settings": dict(spec.size(size)),
+            "results": [_subprocess(spec.name, v, epochs, size) for v in variants],
+        }
+    return {"environment": environment(), "memory": MEMORY, "models": out}
 
 
-def main(argv: list[str] | None = None) -> None:
+def to_markdown(result: dict[str, Any]) -> str:
+    """One results table per model."""
+    lines = ["# Stage training speed against the PyTorch versions", ""]
+    lines += [f"{describe(result['environment'])}. Memory: {result['memory']}.", ""]
+    for name, res in result["models"].items():
+        s = res["settings"]
+        lines += [
+            f"## {name}, stage {res['stage']} (size {res['size']}: {s.get('n_cells')} "
+            f"examples, batch {s.get('batch_size')})",
+            "",
+            "| variant | s / epoch | first epoch incl. compile (s) | peak RSS (MiB) | final loss |",
+            "|---|---|---|---|---|",
+        ]
+        for r in res["results"]:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | failed | | | |")
+                continue
+            lines.append(
+                f"| {r['variant']} | {r['seconds_per_epoch']:.2f} | "
+                f"{r['first_epoch_seconds_incl_compile']:.1f} | {r['peak_rss_mib']:.0f} | "
+                f"{r['final_epoch_loss']:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="cfmvc")
+    parser.add_argument("--model", action="append", help="a spec name (repeat; default all)")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per variant")
+    parser.add_argument("--size", default=SIZE, help="the specs' size preset")
     parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process")
     args = parser.parse_args(argv)
+    try:
+        chosen = [s.name for s in specs.select(args.model)]
+    except specs.UnknownModel as e:
+        parser.error(str(e))
     if args.variant:
-        print(json.dumps(_cfmvc_variant(args.variant, args.epochs)), flush=True)
-        return
-    result = run(args.model, args.epochs)
+        if len(chosen) != 1:
+            parser.error("--variant needs exactly one --model")
+        print(json.dumps(run_variant(chosen[0], args.variant, args.epochs, args.size)), flush=True)
+        return 0
+    result = run(chosen, args.epochs, size=args.size)
     from benchmarks.run import write_results
 
     write_results("models", result, to_markdown(result))
     print(to_markdown(result))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxstab.numerics as N
+from benchmarks.meta import describe, environment
 
 N_ELEMENTS = 1 << 20
 REPEATS = 41  # at most; expensive cases get fewer (see TIME_PER_VARIANT_S), never below 7
@@ -203,14 +203,9 @@ def run(
     names: list[str] | None = None, repeats: int = REPEATS, write: bool = True
 ) -> dict[str, Any]:
     """Runs the benchmark; returns (and by default writes) the results."""
-    device = jax.devices()[0]
     result: dict[str, Any] = {
         "benchmark": "jaxstab.numerics safe primitives vs naive formulas, jitted, float32",
-        "platform": device.platform,
-        "device_kind": device.device_kind,
-        "cpu_count": os.cpu_count(),
-        "jax_version": jax.__version__,
-        "python": platform.python_version(),
+        "environment": environment(),
         "n_elements": N_ELEMENTS,
         "repeats": repeats,
         "statistic": (
@@ -232,11 +227,11 @@ def run(
 
 def to_markdown(result: dict[str, Any]) -> str:
     """The results as a markdown table."""
+    env = result["environment"]
     lines = [
-        f"# jaxstab.numerics: safe vs naive ({result['platform']})",
+        f"# jaxstab.numerics: safe vs naive ({env['platform']})",
         "",
-        f"Device: {result['device_kind']}, {result['cpu_count']} CPUs, jax "
-        f"{result['jax_version']}. {result['n_elements']:,} float32 elements per call; "
+        f"{describe(env)}. {result['n_elements']:,} float32 elements per call; "
         f"{result['statistic']}. 1-minute load average at start: "
         f"{result['load_average_1min']:.1f} (shared machine).",
         "",

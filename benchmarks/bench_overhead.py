@@ -6,7 +6,8 @@ a plain-pytree MLP with ``optax.adam(1e-3)`` against the same step with
 clip_by_global_norm), both per-step ``jit`` and fused into a ``lax.scan``. The two
 variants are timed alternately (to share any background load) and the median is kept.
 
-Run ``python -m benchmarks.bench_overhead``; it writes
+The benchmark has no model part (``--model`` does not apply). Run ``python -m
+benchmarks.run --suite overhead`` (or ``python -m benchmarks.bench_overhead``); it writes
 ``benchmarks/results/overhead-<platform>.json`` and ``.md``.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import platform
 import statistics
 import time
 from typing import Any
@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 import jaxstab
+from benchmarks.meta import describe, environment
 
 # name -> (hidden widths, batch, per-step repeats, steps per scan, scan repeats)
 CONFIGS: dict[str, tuple[list[int], int, int, int, int]] = {
@@ -156,15 +157,9 @@ def _time_variants(name: str, cfg: tuple) -> dict[str, Any]:
 
 def run(configs: dict[str, tuple] | None = None, write: bool = True) -> dict[str, Any]:
     """Runs the benchmark; returns (and by default writes) the results."""
-    device = jax.devices()[0]
     result: dict[str, Any] = {
         "benchmark": "stability_guard(optax.adam(1e-3)) vs optax.adam(1e-3), full MLP step",
-        "platform": device.platform,
-        "device_kind": device.device_kind,
-        "cpu_count": os.cpu_count(),
-        "jax_version": jax.__version__,
-        "optax_version": optax.__version__,
-        "python": platform.python_version(),
+        "environment": environment(),
         "statistic": "median (and min) ms per step; the two variants timed alternately",
         "load_average": os.getloadavg(),
         "models": {},
@@ -179,12 +174,11 @@ def run(configs: dict[str, tuple] | None = None, write: bool = True) -> dict[str
 
 
 def to_markdown(result: dict[str, Any]) -> str:
+    env = result["environment"]
     lines = [
-        f"# stability_guard overhead ({result['platform']})",
+        f"# stability_guard overhead ({env['platform']})",
         "",
-        f"Device: {result['device_kind']}, {result['cpu_count']} CPUs, "
-        f"jax {result['jax_version']}, optax {result['optax_version']}. "
-        f"{result['statistic']}. Load average during the run: "
+        f"{describe(env)}. {result['statistic']}. Load average during the run: "
         f"{', '.join(f'{x:.1f}' for x in result.get('load_average', []))} "
         "(a shared machine: medians are noisy).",
         "",

@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import effect_recovery
+from benchmarks.meta import environment
 from jaxstab import numerics
 from jaxstab import stat_names as S
 from jaxstab.models.cfmvc import CFMVCConfig, load_anndata, simulate
@@ -147,8 +146,7 @@ def run(
         print(name, json.dumps({k: rows[name][k] for k in ("pearson", "heldout_nll")}))
     return {
         "model": "cfmvc",
-        "device": f"{jax.default_backend()} ({os.cpu_count()} cores, {platform.processor()})",
-        "jax": jax.__version__,
+        "environment": environment(),
         "config": {
             "n_cells": n_cells,
             "n_genes": n_genes,
@@ -166,16 +164,17 @@ def run(
 def markdown(result: dict[str, Any]) -> str:
     """The README table of :func:`run`'s result.
 
-    >>> r = {"device": "cpu", "config": {"n_cells": 10, "n_genes": 5}, "variants": {"default":
-    ...      {"pearson": 0.9, "heldout_nll": 100.0, "stage1": {"status": "ok",
-    ...       "clipped_share": 1.0, "median_grad_norm": 50.0, "max_grad_norm": 80.0,
-    ...       "nonfinite_steps": 0}}}}
+    >>> r = {"environment": {"platform": "cpu"}, "config": {"n_cells": 10, "n_genes": 5},
+    ...      "variants": {"default": {"pearson": 0.9, "heldout_nll": 100.0,
+    ...       "stage1": {"status": "ok", "clipped_share": 1.0, "median_grad_norm": 50.0,
+    ...                  "max_grad_norm": 80.0, "nonfinite_steps": 0}}}}
     >>> print(markdown(r).splitlines()[-1])
     | default | 0.900 | 100.0 | ok | 100 % | 50 / 80 | 0 |
     """
     c = result["config"]
+    where = result["environment"]["platform"]
     lines = [
-        f"# CFM-VC: what each deviation from the original does ({result['device']})",
+        f"# CFM-VC: what each deviation from the original does ({where})",
         "",
         f"{c['n_cells']} simulated cells x {c['n_genes']} genes; stages 1 + 2; same seed.",
         "",

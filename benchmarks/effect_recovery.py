@@ -16,7 +16,7 @@ perturbation programs several times more slowly (on 3000 cells × 200 genes afte
 the reconstruction Pearson was 0.07 with dropout 0.1 and 0.35 without), too slowly for a
 10-minute CPU budget.
 
-Run: ``python -m benchmarks.effect_recovery [--epochs-vae 8 --epochs-flow 10]``; writes
+Run: ``python -m benchmarks.effect_recovery [--epochs-vae 6 --epochs-flow 6]``; writes
 ``benchmarks/results/effect_recovery-<platform>.json``.
 """
 
@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks.meta import environment
 from jaxstab.models.cfmvc import (
     CFMVCConfig,
     generate_expression,
@@ -151,7 +150,7 @@ def run(
     fits = {name: r.fit for name, r in out.stages.items()}
     return {
         "model": "cfmvc",
-        "device": f"{jax.default_backend()} ({os.cpu_count()} cores, {platform.processor()})",
+        "environment": environment(),
         "config": {
             "n_cells": n_cells,
             "n_genes": n_genes,
@@ -185,8 +184,8 @@ def run(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs-vae", type=int, default=8)
-    parser.add_argument("--epochs-flow", type=int, default=10)
+    parser.add_argument("--epochs-vae", type=int, default=6)
+    parser.add_argument("--epochs-flow", type=int, default=6)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--n-cells", type=int, default=10_000)
     parser.add_argument("--n-genes", type=int, default=2000)

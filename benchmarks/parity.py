@@ -1,156 +1,125 @@
-"""Numerical parity of the model ports with their PyTorch versions, at full size.
+"""Numerical parity of the model ports with their PyTorch versions.
 
-``python -m benchmarks.run --suite parity`` builds CFM-VC at the seed-002 sizes (2000 genes,
-default widths) on both sides, for ``CFMVCConfig.default()`` and ``CFMVCConfig.original()``,
-copies the PyTorch weights onto the Flax model with the
-converter, feeds both the same batch of 64 simulated cells and the same noise, and reports the
-largest relative error (max |ours − theirs| / max |theirs|) of each output and of the
-gradients of each stage's loss, against the tolerances the parity tests use (1e-5 values,
-1e-4 gradients). ``tests/models/test_cfmvc_parity.py`` asserts the same at a small size.
+``python -m benchmarks.run --suite parity [--model NAME]`` runs, for every spec of
+:mod:`benchmarks.specs` (or the ones named) and every config preset in its ``presets``, at
+its ``"full"`` size: the PyTorch version and the port are built, the PyTorch weights are
+copied onto the port with the shared converter (:mod:`benchmarks.convert`), both are put in
+eval mode (dropout off), given the same inputs (``spec.inputs``: a batch and its noise) and
+compared quantity by quantity (``spec.outputs_jax`` / ``spec.outputs_torch``). The error is
+the largest relative error ``max |ours - theirs| / max |theirs|``, for a gradient the largest
+over its parameters, against the tolerances the parity tests use (1e-5 values, 1e-4
+gradients). ``tests/benchmarks`` runs the same loop at the ``"small"`` size.
 
 Example:
   >>> sorted(TOLERANCES)
   ['gradient', 'value']
+  >>> error(np.array([1.0, 2.0]), np.array([1.0, 2.5]))
+  (0.2, 'value')
+  >>> error({"w": np.ones(2)}, {"w": np.ones(2), "b": np.zeros(1)})
+  (0.0, 'gradient')
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
+from benchmarks import specs
+from benchmarks.meta import describe, environment
+
 TOLERANCES = {"value": 1e-5, "gradient": 1e-4}
+SIZE = "full"
+
+
+def _np(a: Any) -> np.ndarray:
+    if hasattr(a, "detach"):  # a PyTorch tensor
+        a = a.detach().cpu().numpy()
+    return np.asarray(a, np.float64)
 
 
 def _rel(a: Any, b: Any) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = _np(a), _np(b)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-PRESETS = ("default", "original")
+def error(ours: Any, theirs: Any) -> tuple[float, str]:
+    """Largest relative error of one quantity and its kind (``"value"`` or ``"gradient"``).
+
+    A mapping is a gradient (``{state-dict key: array}``), compared over the keys of
+    ``ours``; a tuple is compared member by member; anything else is one array.
+    """
+    if isinstance(ours, Mapping):
+        if not isinstance(theirs, Mapping):
+            raise TypeError("a gradient (a mapping) on one side only")
+        missing = sorted(set(ours) - set(theirs))
+        if missing:
+            raise KeyError(f"gradients missing on the PyTorch side: {missing}")
+        return max(_rel(ours[k], theirs[k]) for k in ours), "gradient"
+    if isinstance(ours, tuple | list):
+        return max(_rel(o, t) for o, t in zip(ours, theirs, strict=True)), "value"
+    return _rel(ours, theirs), "value"
 
 
-def _cfmvc(
-    n_cells: int = 64, n_genes: int = 2000, seed: int = 0, preset: str = "default"
-) -> dict[str, Any]:
-    import jax.numpy as jnp
-    import torch
+def compare(spec: specs.ModelSpec, preset: str = "default", size: str = SIZE, seed: int = 0):
+    """One spec at one preset and size: the error, tolerance and verdict of each quantity."""
     from flax import nnx
 
-    from benchmarks.torch_ref import cfmvc as tref
-    from jaxstab.models.cfmvc import CFMVC, CFMVCConfig, load_anndata, simulate
-    from jaxstab.models.cfmvc.losses import flow_terms, vae_terms
-
-    config = getattr(CFMVCConfig, preset)()
-    n_pert, n_batch, n_ct = 10, 2, 3
-    torch.manual_seed(seed)
-    tm = tref.CFMVCModel(n_genes, n_batch, n_ct, n_pert, config)
-    tm.eval()  # dropout off on both sides
-    model = CFMVC(n_genes, n_batch, n_ct, n_pert, config, rngs=nnx.Rngs(seed))
-    tref.torch_state_dict_to_nnx(tm.state_dict(), model)
+    torch_model = spec.build_torch(size, preset, seed)
+    torch_model.eval()  # dropout off on both sides
+    model, _ = spec.build_jax(size, preset, seed)
+    nnx.update(model, spec.convert(torch_model.state_dict(), model))
     model.eval()
-
-    data = load_anndata(simulate(n_cells, n_genes, n_pert, n_batch, n_ct, seed=seed))
-    a = data.arrays
-    jb = {k: jnp.asarray(v) for k, v in a.items()}
-    x, p = torch.tensor(a["x"]), torch.tensor(a["p"])
-    b, c = torch.tensor(a["batch"]).long(), torch.tensor(a["cell_type"]).long()
-    rng = np.random.default_rng(seed)
-    eps_i = rng.normal(size=(n_cells, tm.dim_int)).astype(np.float32)
-    eps_t = rng.normal(size=(n_cells, tm.dim_tech)).astype(np.float32)
-    z0 = rng.normal(size=(n_cells, tm.dim_int)).astype(np.float32)
-    t = rng.uniform(size=n_cells).astype(np.float32)
-    eps_f = rng.normal(size=(n_cells, tm.dim_int)).astype(np.float32)  # a 'sample' flow target
-
-    def grad_error(ours: Any, groups: set[str]) -> float:
-        ours = dict(nnx.to_flat_state(ours))
-        theirs = tref.torch_grads_to_nnx(tm, model)
-        return max(_rel(ours[k][...], v[...]) for k, v in theirs.items() if k[0] in groups)
-
-    # Forward values.
-    with torch.no_grad():
-        enc_t = tm.encoder(x, b, c)
-        ctx_t, alpha_t = tm.context_encoder(p, b, c, None)
-    enc = model.encoder(jb["x"], jb["batch"], jb["cell_type"])
-    ctx, alpha = model.context_encoder(jb["p"], jb["batch"], jb["cell_type"], None)
-    errors = {
-        "encoder_outputs": max(_rel(o, t_.numpy()) for o, t_ in zip(enc, enc_t, strict=True)),
-        "context": _rel(ctx, ctx_t.numpy()),
-        "alpha": _rel(alpha, alpha_t.numpy()),
-    }
-
-    # Stage 1: NB-VAE loss (NB log-likelihood + KL) and its gradients.
-    tm.zero_grad()
-    loss_t, nll_t, _ = tm.vae_forward(x, b, c, torch.tensor(eps_i), torch.tensor(eps_t))
-    loss_t.backward()
-    (loss, aux), grads = _vg(vae_terms, model, jb, eps_i, eps_t)
-    errors["nb_log_likelihood"] = _rel(aux["nll"], nll_t.detach().numpy())
-    errors["vae_loss"] = _rel(loss, loss_t.detach().numpy())
-    errors["vae_gradients"] = grad_error(grads, {"encoder", "decoder"})
-
-    # Stage 2: flow-matching loss, velocity and gradients.
-    tm.zero_grad()
-    loss_t, v_t = tm.flow_step(
-        x, p, b, c, torch.tensor(z0), torch.tensor(t), None, torch.tensor(eps_f)
-    )
-    loss_t.backward()
-    (loss, aux), grads = _vg(flow_terms, model, jb, z0, t, eps_f)
-    z1 = np.asarray(enc.int_mean)
-    if config.flow_target == "sample":
-        z1 = z1 + eps_f * np.exp(0.5 * np.asarray(enc.int_logvar))
-    z_t = (1 - t)[:, None] * z0 + t[:, None] * z1
-    v = model.velocity(jnp.asarray(z_t), jnp.asarray(t), jb["p"], jb["batch"], jb["cell_type"])
-    errors["flow_velocity"] = _rel(v, v_t.detach().numpy())
-    errors["flow_loss"] = _rel(loss, loss_t.detach().numpy())
-    errors["flow_gradients"] = grad_error(grads, {"context_encoder", "flow"})
-
-    kind = {k: "gradient" if k.endswith("gradients") else "value" for k in errors}
+    inputs = spec.inputs(size, seed)
+    ours = spec.outputs_jax(model, inputs)
+    theirs = spec.outputs_torch(torch_model, inputs)
+    if set(ours) != set(theirs):
+        raise KeyError(f"{spec.name}: quantities differ: {sorted(set(ours) ^ set(theirs))}")
+    errors, tolerance = {}, {}
+    for name in ours:
+        errors[name], kind = error(ours[name], theirs[name])
+        tolerance[name] = TOLERANCES[kind]
     return {
         "config": {
             "preset": preset,
-            "n_cells": n_cells,
-            "n_genes": n_genes,
-            "n_perturbations": n_pert,
-            "weights": "PyTorch init, copied by torch_state_dict_to_nnx",
+            "size": size,
+            "settings": dict(spec.size(size)),
+            "seed": seed,
+            "weights": "PyTorch init, copied by benchmarks.convert",
         },
         "max_relative_error": errors,
-        "within_tolerance": {k: errors[k] < TOLERANCES[kind[k]] for k in errors},
+        "tolerance": tolerance,
+        "within_tolerance": {k: errors[k] < tolerance[k] for k in errors},
     }
 
 
-def _vg(terms: Any, model: Any, jb: Any, *noise: np.ndarray) -> tuple[Any, Any]:
-    import jax.numpy as jnp
-    from flax import nnx
-
-    def loss_fn(m: Any) -> Any:
-        return terms(m, jb, *map(jnp.asarray, noise))
-
-    return nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model)
+def result_key(spec: specs.ModelSpec, preset: str) -> str:
+    """``name`` for the default preset, ``name-<preset>`` for the others."""
+    return spec.name if preset == "default" else f"{spec.name}-{preset}"
 
 
-def run() -> dict[str, Any]:
-    """Every port's parity result, keyed by model name (CFM-VC at both presets)."""
-    import torch
-
-    return {
-        "torch": torch.__version__,
-        "tolerances": TOLERANCES,
-        "cfmvc": _cfmvc(),
-        "cfmvc-original": _cfmvc(preset="original"),
+def run(models: Iterable[str] | None = None, size: str = SIZE) -> dict[str, Any]:
+    """Every preset of every spec (or of ``models``), keyed by :func:`result_key`."""
+    results = {
+        result_key(spec, preset): compare(spec, preset, size)
+        for spec in specs.select(models)
+        for preset in spec.presets
     }
+    return {"environment": environment(), "tolerances": TOLERANCES, "models": results}
 
 
 def parity_markdown(result: dict[str, Any]) -> str:
-    """One table per model: quantity, max relative error, tolerance, within it."""
-    lines = [f"# Parity with the PyTorch versions (torch {result['torch']})", ""]
-    for name, res in result.items():
-        if not isinstance(res, dict) or "max_relative_error" not in res:
-            continue
-        lines += [f"## {name}", "", "| quantity | max rel. error | tolerance | ok |"]
-        lines.append("|---|---|---|---|")
+    """One table per model and preset: quantity, max relative error, tolerance, within it."""
+    lines = ["# Parity with the PyTorch versions", "", describe(result["environment"]), ""]
+    for name, res in result["models"].items():
+        cfg = res["config"]
+        batch = cfg["settings"].get("batch_size")
+        lines += [f"## {name} (preset {cfg['preset']}, size {cfg['size']}: one batch of {batch})"]
+        lines.append("")
+        lines += ["| quantity | max rel. error | tolerance | ok |", "|---|---|---|---|"]
         for k, err in res["max_relative_error"].items():
-            tol = TOLERANCES["gradient" if k.endswith("gradients") else "value"]
             ok = "yes" if res["within_tolerance"][k] else "NO"
-            lines.append(f"| {k} | {err:.1e} | {tol:.0e} | {ok} |")
+            lines.append(f"| {k} | {err:.1e} | {res['tolerance'][k]:.0e} | {ok} |")
         lines.append("")
     return "\n".join(lines)

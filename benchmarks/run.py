@@ -1,9 +1,14 @@
 """One entry point for the benchmark suites.
 
-``python -m benchmarks.run --suite {numerics,parity,speed,overhead,stability}`` runs the
-suite's ``run(write=False)``, then writes ``benchmarks/results/<suite>-<device>.json`` and a
-markdown table next to it (``.md``), where ``<device>`` is JAX's default platform (``cpu``,
-``gpu``, ``tpu``). Suite modules are imported only when asked for.
+``python -m benchmarks.run --suite {numerics,parity,speed,overhead,stability} [--model NAME]``
+runs the suite's ``run(write=False)``, then writes ``benchmarks/results/<suite>-<device>.json``
+and a markdown table next to it (``.md``), where ``<device>`` is JAX's default platform
+(``cpu``, ``gpu``, ``tpu``). Suite modules are imported only when asked for.
+
+The per-model suites (those whose ``run`` takes ``models``: parity, speed, stability) loop over
+the specs of :mod:`benchmarks.specs`; ``--model NAME`` (repeatable) restricts them to those
+models. An unknown name exits with status 2 and lists the known ones. The other suites
+(numerics, overhead) have no model part and ignore ``--model``.
 
 Example:
   >>> sorted(SUITES)
@@ -26,7 +31,7 @@ import importlib
 import inspect
 import json
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,20 +89,36 @@ def device_name() -> str:
     return jax.devices()[0].platform
 
 
-def run_suite(suite: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:
-    """Runs one suite and writes its JSON and markdown; returns both paths."""
+def per_model(suite: str) -> bool:
+    """Whether ``suite`` runs per model (its ``run`` takes ``models``)."""
+    fn, _ = _resolve(suite)
+    return "models" in inspect.signature(fn).parameters
+
+
+def run_suite(
+    suite: str, out_dir: Path | None = None, models: Sequence[str] | None = None
+) -> tuple[Path, Path]:
+    """Runs one suite and writes its JSON and markdown (in ``out_dir``, default
+    :data:`RESULTS`); returns both paths.
+
+    ``models`` (spec names; ``None``: all) goes to a per-model suite, is ignored by the others.
+    """
     fn, to_md = _resolve(suite)
     params = inspect.signature(fn).parameters
-    kwargs = {"write": False} if "write" in params else {}
+    kwargs: dict[str, Any] = {"write": False} if "write" in params else {}
+    if "models" in params and models is not None:
+        kwargs["models"] = list(models)
     result = fn(**kwargs)
     markdown = to_md(result) if to_md else generic_markdown(suite, result)
     return write_results(suite, result, markdown, out_dir)
 
 
 def write_results(
-    name: str, result: Mapping[str, Any], markdown: str, out_dir: Path = RESULTS
+    name: str, result: Mapping[str, Any], markdown: str, out_dir: Path | None = None
 ) -> tuple[Path, Path]:
-    """Writes ``<name>-<device>.json`` (atomically) and ``.md`` in ``out_dir``; returns both."""
+    """Writes ``<name>-<device>.json`` (atomically) and ``.md`` in ``out_dir`` (default
+    :data:`RESULTS`); returns both."""
+    out_dir = RESULTS if out_dir is None else out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{name}-{device_name()}"
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
@@ -117,10 +138,27 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="suite to run (repeat for several)",
     )
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="NAME",
+        help="model for the per-model suites (repeat for several; default: every spec)",
+    )
     args = parser.parse_args(argv)
+    from benchmarks import specs
+
+    try:
+        models = None if args.model is None else [s.name for s in specs.select(args.model)]
+    except specs.UnknownModel as e:
+        print(f"benchmarks: {e}", file=sys.stderr)
+        return 2
     for suite in args.suite:
+        if models is not None and not per_model(suite):
+            print(
+                f"benchmarks: suite {suite!r} has no model part; --model ignored", file=sys.stderr
+            )
         try:
-            json_path, md_path = run_suite(suite)
+            json_path, md_path = run_suite(suite, models=models)
         except ImportError as e:
             print(f"benchmarks: suite {suite!r} is not available: {e}", file=sys.stderr)
             return 2

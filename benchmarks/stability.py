@@ -1,32 +1,36 @@
-"""Stability under injected faults: CFM-VC stage 1 (NB-VAE) with and without the guard.
+"""Stability under injected faults: each port's stage with and without the guard.
 
-For each seed, each variant trains once cleanly and once per fault:
+For every spec of :mod:`benchmarks.specs` (or the ones named with ``--model``), at its
+``"faults"`` size (CFM-VC: stage 1, the NB-VAE, on 256 simulated cells x 100 genes, 128
+held out), each variant trains once per seed cleanly and once per fault:
 
-- ``nan_batch``: one batch of counts replaced by NaN;
-- ``inf_grad``: +Inf added to one gradient entry at one step;
+- ``nan_batch``: every floating-point input of one batch replaced by NaN;
+- ``inf_grad``: +Inf added to one gradient entry (of the first trainable group) at one step;
 - ``spike``: every gradient multiplied by 1e4 at one step;
 - ``lr_burst``: the update multiplied by 100 for 5 steps (a learning-rate burst).
 
-A run *survives* when every parameter ends finite and its final evaluation loss (posterior
-means, eval mode, a fixed held-out set) is within 5 % of the same seed's clean run.
+A run *survives* when every parameter ends finite and its final evaluation loss
+(``spec.eval_loss_jax`` / ``spec.eval_loss_torch``: CFM-VC's at the posterior means, eval
+mode, on the held-out set) is within 5 % of the same seed's clean run.
 
-Variants: ``jax_none`` (``optax.adamw``), ``jax_guard``
-(``jaxstab.stability_guard(optax.adamw, clip=1.0)``), ``jax_guard_noclip`` (the same with
-``clip=None``: skipping only, which separates the clip's effect) and ``torch_seed`` (the
-PyTorch version ``benchmarks/torch_ref/cfmvc.py`` with the seed's guards: ``clamp`` bounds,
-``clip_grad_norm_(1.0)`` and the ``isfinite`` check every 10 batches that ends the epoch on a
-non-finite loss). The JAX runs are one jitted ``lax.scan`` per run whose fault schedule is an
-argument, so each variant compiles once.
+Variants, all with the port's inner optimizer ``inner`` (CFM-VC: AdamW, lr 1e-3, weight
+decay 1e-5) restricted to the stage's trainable groups by
+``jaxstab.train.stages.stage_optimizer``: ``jax_none`` (``guard=False``: norms recorded,
+nothing changed), ``jax_guard`` (the guard with ``clip=1.0``), ``jax_guard_noclip`` (the
+guard with ``clip=None``: skipping only, which separates the clip's effect) and
+``torch_seed`` (the PyTorch version with ``spec.seed_guards``, CFM-VC's ``clamp`` bounds, and
+the seed's loop guards: ``clip_grad_norm_(1.0)`` and the ``isfinite`` check every 10 batches
+that ends the epoch on a non-finite loss). The JAX runs are one jitted ``lax.scan`` per run
+whose fault schedule is an argument, so each variant compiles once.
 
-Run ``python -m benchmarks.run --suite stability``.
+Run ``python -m benchmarks.run --suite stability [--model NAME]``.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import platform
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
@@ -35,27 +39,26 @@ import numpy as np
 import optax
 from flax import nnx
 
-import jaxstab
+from benchmarks import specs
+from benchmarks.meta import describe, environment
 
-N_CELLS, N_GENES, N_EVAL = 256, 100, 128
-BATCH, EPOCHS = 32, 8
+SIZE = "faults"
+EPOCHS = 8
 SEEDS = tuple(range(10))
-LR, WEIGHT_DECAY, CLIP = 1e-3, 1e-5, 1.0
-MODEL_KW = {"dim_int": 8, "dim_tech": 4, "hidden_vae": 32, "hidden_ctx": 16,
-            "hidden_flow": 16, "n_basis": 4, "dropout": 0.0}  # fmt: skip
+CLIP = 1.0
 FAULTS = ("clean", "nan_batch", "inf_grad", "spike", "lr_burst")
 SPIKE, BURST, BURST_STEPS, TOLERANCE = 1e4, 100.0, 5, 0.05
 VARIANTS = ("jax_none", "jax_guard", "jax_guard_noclip", "torch_seed")
+NAN_CHECK_INTERVAL = 10
 
 
-def _data(seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
-    from jaxstab.models.cfmvc.data import load_anndata, simulate
-
-    ds = load_anndata(simulate(N_CELLS + N_EVAL, N_GENES, n_perturbations=3, seed=seed))
-    arrays = {k: np.asarray(ds.arrays[k]) for k in ("x", "batch", "cell_type")}
-    train = {k: v[:N_CELLS] for k, v in arrays.items()}
-    held = {k: v[N_CELLS:] for k, v in arrays.items()}
-    return train, held, dict(ds.meta)
+def split(spec: specs.ModelSpec, seed: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The training arrays and the held-out ones (the last ``n_eval`` examples)."""
+    arrays = spec.data(SIZE, seed).arrays
+    n_eval = spec.size(SIZE)["n_eval"]
+    train = {k: np.asarray(v)[:-n_eval] for k, v in arrays.items()}
+    held = {k: np.asarray(v)[-n_eval:] for k, v in arrays.items()}
+    return train, held
 
 
 def schedule(seed: int, fault: str, steps: int) -> dict[str, np.ndarray]:
@@ -85,23 +88,36 @@ def schedule(seed: int, fault: str, steps: int) -> dict[str, np.ndarray]:
     return s
 
 
-def batch_order(seed: int, steps_per_epoch: int) -> np.ndarray:
-    """``[steps, BATCH]`` example indices: a permutation per epoch, the last batch wrapping."""
+def batch_order(seed: int, n: int, batch: int, steps_per_epoch: int) -> np.ndarray:
+    """``[steps, batch]`` example indices: a permutation per epoch, the last batch wrapping.
+
+    >>> batch_order(0, 5, 2, 3).shape
+    (24, 2)
+    """
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(EPOCHS):
-        perm = rng.permutation(N_CELLS)
+        perm = rng.permutation(n)
         for i in range(steps_per_epoch):
-            rows.append(perm[np.arange(i * BATCH, (i + 1) * BATCH) % N_CELLS])
+            rows.append(perm[np.arange(i * batch, (i + 1) * batch) % n])
     return np.stack(rows)
 
 
-def _jax_runner(tx: optax.GradientTransformation, graphdef: nnx.GraphDef):
-    from jaxstab.models.cfmvc import losses
+def _order(spec: specs.ModelSpec, seed: int, n: int) -> np.ndarray:
+    batch = spec.size(SIZE)["batch_size"]
+    return batch_order(seed, n, batch, math.ceil(n / batch))
+
+
+def _jax_runner(spec: specs.ModelSpec, tx: optax.GradientTransformation, graphdef: Any):
+    entry = spec.model_entry()
+    stage = entry.stage(spec.stage)
+    stage_loss = stage.loss_fn or entry.loss_fn
+    # The Inf goes into the first trainable group's first parameter, as in the PyTorch runs.
+    inf_group = f"[{stage.trainable[0]!r}]" if stage.trainable else ""
 
     def loss_fn(params, rest, batch, key):
         model = nnx.merge(graphdef, params, rest, copy=True)
-        return losses.vae_loss(model, batch, key)[0]
+        return stage_loss(model, batch, key)[0]
 
     @jax.jit
     def run(params, rest, data, held, order, sched, key):
@@ -111,16 +127,13 @@ def _jax_runner(tx: optax.GradientTransformation, graphdef: nnx.GraphDef):
             params, opt_state = carry
             idx, g_mul, g_add, u_mul, x_nan, k = inp
             batch = {name: v[idx] for name, v in data.items()}
-            batch["x"] = jnp.where(x_nan, jnp.nan, batch["x"])
+            batch = {name: jnp.where(x_nan, jnp.nan, v) if jnp.issubdtype(v.dtype, jnp.floating)
+                     else v for name, v in batch.items()}  # fmt: skip
             grads = jax.grad(loss_fn)(params, rest, batch, k)
             paths, treedef = jax.tree_util.tree_flatten_with_path(grads)
             leaves = [g * g_mul for _, g in paths]
-            # The Inf goes into the encoder's first parameter, as in the PyTorch runs.
-            i = next(
-                j
-                for j, (p, _) in enumerate(paths)
-                if jax.tree_util.keystr(p).startswith("['encoder']")
-            )
+            i = next(j for j, (p, _) in enumerate(paths)
+                     if jax.tree_util.keystr(p).startswith(inf_group))  # fmt: skip
             leaves[i] = leaves[i].at[(0,) * leaves[i].ndim].add(g_add)
             grads = jax.tree.unflatten(treedef, leaves)
             updates, opt_state = tx.update(grads, opt_state, params)
@@ -132,36 +145,39 @@ def _jax_runner(tx: optax.GradientTransformation, graphdef: nnx.GraphDef):
         (params, _), _ = jax.lax.scan(step, (params, opt_state), inputs)
         model = nnx.merge(graphdef, params, rest, copy=True)
         model.eval()
-        n = held["x"].shape[0]
-        zeros_i, zeros_t = jnp.zeros((n, model.dim_int)), jnp.zeros((n, model.dim_tech))
-        final = losses.vae_terms(model, held, zeros_i, zeros_t, deterministic=True)[0]
+        final = spec.eval_loss_jax(model, held)
         finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
         return final, finite
 
     return run
 
 
-def run_jax(variant: str) -> dict[str, Any]:
-    """Final eval loss and parameter finiteness of every (seed, fault) run of one variant."""
-    from jaxstab.models.cfmvc.model import CFMVC
+def optimizer(spec: specs.ModelSpec, variant: str) -> optax.GradientTransformation:
+    """The stage optimizer of a JAX variant (``jax_none``, ``jax_guard``, ``jax_guard_noclip``)."""
+    from jaxstab import plugin
+    from jaxstab.train.stages import stage_optimizer
 
-    inner = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
-    txs = {
-        "jax_none": inner,
-        "jax_guard": jaxstab.stability_guard(inner, clip=CLIP),
-        "jax_guard_noclip": jaxstab.stability_guard(inner, clip=None),
-    }
-    tx = txs[variant]
+    entry = spec.model_entry()
+    inner = plugin.inner_optimizer(entry, spec.run_config(SIZE))
+    trainable = entry.stage(spec.stage).trainable
+    settings = {"jax_none": {"guard": False}, "jax_guard": {"clip": CLIP},
+                "jax_guard_noclip": {"clip": None}}  # fmt: skip
+    if variant not in settings:
+        raise ValueError(f"unknown JAX variant {variant!r}; variants: {', '.join(settings)}")
+    return stage_optimizer(inner, trainable, **settings[variant])
+
+
+def run_jax(spec: specs.ModelSpec, variant: str, seeds: Iterable[int] = SEEDS) -> dict:
+    """Final eval loss and parameter finiteness of every (seed, fault) run of one variant."""
+    tx = optimizer(spec, variant)
     runner, out = None, {}
-    for seed in SEEDS:
-        train, held, meta = _data(seed)
-        model = CFMVC(meta["n_genes"], meta["n_batches"], meta["n_cell_types"],
-                      meta["n_perturbations"], rngs=nnx.Rngs(seed), **MODEL_KW)  # fmt: skip
+    for seed in seeds:
+        train, held = split(spec, seed)
+        model, _ = spec.build_jax(SIZE, "default", seed)
         model.train()
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        runner = runner or _jax_runner(tx, graphdef)
-        spe = math.ceil(N_CELLS / BATCH)
-        order = jnp.asarray(batch_order(seed, spe))
+        runner = runner or _jax_runner(spec, tx, graphdef)
+        order = jnp.asarray(_order(spec, seed, len(next(iter(train.values())))))
         data = {k: jnp.asarray(v) for k, v in train.items()}
         held_j = {k: jnp.asarray(v) for k, v in held.items()}
         for fault in FAULTS:
@@ -172,41 +188,50 @@ def run_jax(variant: str) -> dict[str, Any]:
     return out
 
 
-def run_torch() -> dict[str, Any]:
-    """The same runs with the PyTorch version and the seed's guards."""
+def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     import torch
 
-    from benchmarks.torch_ref.cfmvc import CFMVCModel
+    out = {}
+    for k, v in arrays.items():
+        t = torch.as_tensor(v)
+        out[k] = t.long() if np.issubdtype(np.asarray(v).dtype, np.integer) else t
+    return out
+
+
+def run_torch(spec: specs.ModelSpec, seeds: Iterable[int] = SEEDS) -> dict:
+    """The same runs with the PyTorch version, ``spec.seed_guards`` and the seed's guards."""
+    import torch
 
     # One thread: on a small model, intra-op threading only adds contention (measured: 9×
     # slower with 2 threads on a loaded 2-core machine).
     torch.set_num_threads(1)
+    trainable = spec.model_entry().stage(spec.stage).trainable
+    cfg = spec.run_config(SIZE)
+    lr, weight_decay = float(cfg["lr"]), float(cfg["weight_decay"] or 0.0)
     out = {}
-    for seed in SEEDS:
-        train, held, meta = _data(seed)
-        spe = math.ceil(N_CELLS / BATCH)
-        order = torch.as_tensor(batch_order(seed, spe))
-        x = torch.as_tensor(train["x"])
-        b = torch.as_tensor(train["batch"], dtype=torch.long)
-        c = torch.as_tensor(train["cell_type"], dtype=torch.long)
+    for seed in seeds:
+        train, held = split(spec, seed)
+        n = len(next(iter(train.values())))
+        spe = math.ceil(n / spec.size(SIZE)["batch_size"])
+        order = torch.as_tensor(_order(spec, seed, n))
+        data, held_t = _tensors(train), _tensors(held)
         for fault in FAULTS:
             sched = schedule(seed, fault, order.shape[0])
-            torch.manual_seed(seed)
-            model = CFMVCModel(meta["n_genes"], meta["n_batches"], meta["n_cell_types"],
-                               meta["n_perturbations"], logvar_bound="clip", mean_bound="clip",
-                               **MODEL_KW)  # fmt: skip
+            model = spec.build_torch(SIZE, "default", seed, **spec.seed_guards)
             model.train()
-            params = list(model.encoder.parameters()) + list(model.decoder.parameters())
-            opt = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+            groups = [model] if trainable is None else [getattr(model, g) for g in trainable]
+            params = [p for g in groups for p in g.parameters()]
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
             stop_epoch_at = -1
             for t in range(order.shape[0]):
                 if t // spe == stop_epoch_at:
                     continue  # the seed's guard ended this epoch
                 idx = order[t]
-                xb = x[idx]
+                batch = {k: v[idx] for k, v in data.items()}
                 if sched["x_nan"][t]:
-                    xb = torch.full_like(xb, float("nan"))
-                loss, _, _ = model.vae_forward(xb, b[idx], c[idx])
+                    batch = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                             for k, v in batch.items()}  # fmt: skip
+                loss = spec.torch_loss(model, batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 with torch.no_grad():
@@ -215,22 +240,15 @@ def run_torch() -> dict[str, Any]:
                             p.grad.mul_(float(sched["g_mul"][t]))
                     params[0].grad.view(-1)[0] += float(sched["g_add"][t])
                 torch.nn.utils.clip_grad_norm_(params, max_norm=CLIP)
-                if t % 10 == 0 and not torch.isfinite(loss):
+                if t % NAN_CHECK_INTERVAL == 0 and not torch.isfinite(loss):
                     stop_epoch_at = t // spe
                     continue
                 for group in opt.param_groups:
-                    group["lr"] = LR * float(sched["u_mul"][t])
+                    group["lr"] = lr * float(sched["u_mul"][t])
                 opt.step()
             model.eval()
             with torch.no_grad():
-                n = held["x"].shape[0]
-                final, _, _ = model.vae_forward(
-                    torch.as_tensor(held["x"]),
-                    torch.as_tensor(held["batch"], dtype=torch.long),
-                    torch.as_tensor(held["cell_type"], dtype=torch.long),
-                    eps_int=torch.zeros(n, MODEL_KW["dim_int"]),
-                    eps_tech=torch.zeros(n, MODEL_KW["dim_tech"]),
-                )
+                final = spec.eval_loss_torch(model, held_t)
             finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
             out[(seed, fault)] = (float(final), finite)
     return out
@@ -267,25 +285,23 @@ def summarize(raw: dict[tuple[int, str], tuple[float, bool]]) -> dict[str, Any]:
     return out
 
 
-def run(write: bool = False) -> dict[str, Any]:
-    """Runs every variant; returns the survival table (the runner writes the files)."""
-    result: dict[str, Any] = {
-        "benchmark": "fault injection on CFM-VC stage 1 (NB-VAE)",
-        "platform": jax.devices()[0].platform,
-        "device_kind": jax.devices()[0].device_kind,
-        "cpu_count": os.cpu_count(),
-        "jax_version": jax.__version__,
-        "python": platform.python_version(),
+def run_model(
+    spec: specs.ModelSpec, variants: Iterable[str] = VARIANTS, seeds: Iterable[int] = SEEDS
+) -> dict[str, Any]:
+    """The survival table of one spec: its setup, every variant's summary and wall time."""
+    seeds = tuple(seeds)
+    cfg = spec.run_config(SIZE)
+    out: dict[str, Any] = {
+        "stage": spec.stage,
         "setup": {
-            "cells": N_CELLS,
-            "genes": N_GENES,
-            "eval_cells": N_EVAL,
-            "batch": BATCH,
+            "size": SIZE,
+            "settings": dict(spec.size(SIZE)),
             "epochs": EPOCHS,
-            "seeds": len(SEEDS),
-            "lr": LR,
+            "seeds": len(seeds),
+            "lr": cfg["lr"],
+            "weight_decay": cfg["weight_decay"],
             "clip": CLIP,
-            "model": MODEL_KW,
+            "torch_seed_guards": dict(spec.seed_guards),
             "spike": SPIKE,
             "lr_burst": [BURST, BURST_STEPS],
             "tolerance": TOLERANCE,
@@ -293,42 +309,52 @@ def run(write: bool = False) -> dict[str, Any]:
         "variants": {},
         "seconds": {},
     }
-    for variant in VARIANTS:
+    for variant in variants:
         start = time.perf_counter()
-        raw = run_torch() if variant == "torch_seed" else run_jax(variant)
-        result["seconds"][variant] = round(time.perf_counter() - start, 1)
-        result["variants"][variant] = summarize(raw)
-    return result
+        raw = run_torch(spec, seeds) if variant == "torch_seed" else run_jax(spec, variant, seeds)
+        out["seconds"][variant] = round(time.perf_counter() - start, 1)
+        out["variants"][variant] = summarize(raw)
+    return out
+
+
+def run(models: Iterable[str] | None = None) -> dict[str, Any]:
+    """Every spec's (or ``models``') survival table; the runner writes the files."""
+    return {
+        "benchmark": "fault injection on each port's stage",
+        "environment": environment(),
+        "models": {spec.name: run_model(spec) for spec in specs.select(models)},
+    }
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    """Survival fractions as a markdown table (rows: faults; columns: variants)."""
-    variants = list(result["variants"])
-    setup = result["setup"]
-    lines = [
-        f"# Stability under injected faults ({result['platform']})",
-        "",
-        f"CFM-VC stage 1, {setup['cells']} cells × {setup['genes']} genes, batch "
-        f"{setup['batch']}, {setup['epochs']} epochs, {setup['seeds']} seeds; "
-        f"{result['device_kind']}, {result['cpu_count']} CPUs. A run survives when its "
-        f"parameters end finite and its final held-out loss is within "
-        f'{100 * setup["tolerance"]:.0f} % of the same seed\'s clean run; "loss" is the '
-        "median ratio of the final held-out loss to the clean run's.",
-        "",
-        "| fault | " + " | ".join(variants) + " |",
-        "|---|" + "---:|" * len(variants),
-    ]
-    for fault in FAULTS[1:]:
-        cells = []
-        for v in variants:
-            r = result["variants"][v][fault]
-            ratio = r["median_loss_ratio"]
-            loss = "—" if ratio is None else f"{ratio:.2f}×"
-            cells.append(f"{100 * r['survived']:.0f} % (finite {100 * r['finite_params']:.0f} %, "
-                         f"loss {loss})")  # fmt: skip
-        lines.append(f"| {fault} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Wall time per variant (s): " + ", ".join(f"{k} {v}" for k, v in result["seconds"].items()),
-    ]
-    return "\n".join(lines) + "\n"
+    """Survival fractions as markdown tables (rows: faults; columns: variants), one a model."""
+    env = result["environment"]
+    lines = [f"# Stability under injected faults ({env['platform']})", "", describe(env), ""]
+    for name, res in result["models"].items():
+        variants = list(res["variants"])
+        setup = res["setup"]
+        s = setup["settings"]
+        lines += [
+            f"## {name}, stage {res['stage']}",
+            "",
+            f"Size {setup['size']} ({s.get('n_cells')} examples, {s.get('n_eval')} held out), "
+            f"batch {s.get('batch_size')}, {setup['epochs']} epochs, {setup['seeds']} seeds. "
+            "A run survives when its parameters end finite and its final held-out loss is "
+            f'within {100 * setup["tolerance"]:.0f} % of the same seed\'s clean run; "loss" is '
+            "the median ratio of the final held-out loss to the clean run's.",
+            "",
+            "| fault | " + " | ".join(variants) + " |",
+            "|---|" + "---:|" * len(variants),
+        ]
+        for fault in FAULTS[1:]:
+            cells = []
+            for v in variants:
+                r = res["variants"][v][fault]
+                ratio = r["median_loss_ratio"]
+                loss = "—" if ratio is None else f"{ratio:.2f}×"
+                cells.append(f"{100 * r['survived']:.0f} % (finite "
+                             f"{100 * r['finite_params']:.0f} %, loss {loss})")  # fmt: skip
+            lines.append(f"| {fault} | " + " | ".join(cells) + " |")
+        seconds = ", ".join(f"{k} {v}" for k, v in res["seconds"].items())
+        lines += ["", f"Wall time per variant (s): {seconds}", ""]
+    return "\n".join(lines)

@@ -6,7 +6,8 @@ of the seed-002 version: ``eps``-protected NB log-likelihood with non-finite ter
 It reads the same :class:`~jaxstab.models.cfmvc.config.CFMVCConfig` as the Flax port and implements
 every choice in it (input transform, the three bounds, flow target, control encoding, alpha
 gating), so parity is checked for ``CFMVCConfig.default()`` and ``CFMVCConfig.original()``.
-:func:`torch_state_dict_to_nnx` copies weights onto the Flax model.
+:func:`torch_state_dict_to_nnx` copies weights onto the Flax model (the shared converter
+:mod:`benchmarks.convert` with CFM-VC's name map :func:`nnx_name`).
 
 Example:
   >>> import torch
@@ -28,13 +29,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
 from flax import nnx
 from torch import nn
 
+from benchmarks import convert
 from jaxstab.models.cfmvc.config import CFMVCConfig
 
 EMB_DIM = 8
@@ -288,50 +289,38 @@ class CFMVCModel(nn.Module):
         return ((v - (z1 - z0)) ** 2).mean(), v
 
 
+def nnx_name(path: tuple) -> str:
+    """The state-dict key of the Flax ``CFMVC`` parameter at ``path`` (CFM-VC's name map).
+
+    Names map one to one, ``nnx.Sequential``'s ``layers`` level dropped; a Linear ``kernel``
+    and an Embedding ``embedding`` are PyTorch's ``weight``.
+
+    >>> nnx_name(("context_encoder", "spatial_mlp", "layers", 2, "kernel"))
+    'context_encoder.spatial_mlp.2.weight'
+    """
+    names = [str(k) for k in path if k != "layers"]
+    if path[-1] in ("kernel", "embedding"):
+        names[-1] = "weight"
+    return ".".join(names)
+
+
 def torch_state_dict_to_nnx(state_dict: Mapping[str, torch.Tensor], model: nnx.Module):
     """Copies a :class:`CFMVCModel` state dict onto the Flax ``CFMVC`` ``model`` (in place).
 
-    Names map one to one (``nnx.Sequential``'s ``layers`` level dropped); a Linear ``weight``
-    ``[out, in]`` becomes ``kernel [in, out]``, an Embedding ``weight`` becomes ``embedding``.
-    Raises ``KeyError`` / ``ValueError`` for a missing, extra or mis-shaped entry. Returns
-    ``model``.
+    :func:`benchmarks.convert.load_state_dict` with :func:`nnx_name`: a Linear ``weight``
+    ``[out, in]`` becomes ``kernel [in, out]``, an Embedding ``weight`` becomes
+    ``embedding``. Raises ``KeyError`` / ``ValueError`` for a missing, extra or mis-shaped
+    entry. Returns ``model``.
     """
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    unused = dict(state_dict)
-    updates = []
-    for path, var in flat:
-        names = [str(k) for k in path if k != "layers"]
-        leaf = path[-1]
-        names[-1] = "weight" if leaf in ("kernel", "embedding") else names[-1]
-        key = ".".join(names)
-        if key not in unused:
-            raise KeyError(f"state_dict has no entry {key!r} for {'/'.join(map(str, path))}")
-        value = unused.pop(key).detach().cpu().numpy()
-        if leaf == "kernel":
-            value = value.T
-        if value.shape != var[...].shape:
-            raise ValueError(f"{key}: shape {value.shape} does not match {var[...].shape}")
-        updates.append((path, jnp.asarray(value, var[...].dtype)))
-    if unused:
-        raise KeyError(f"state_dict entries with no NNX parameter: {sorted(unused)}")
-    for path, value in updates:
-        node = model
-        for k in path[:-1]:
-            node = node[k] if isinstance(k, int) else getattr(node, k)
-        getattr(node, path[-1])[...] = value
-    return model
+    return convert.load_state_dict(state_dict, model, nnx_name)
 
 
 def torch_grads_to_nnx(torch_model: nn.Module, model: nnx.Module) -> dict:
     """The ``.grad`` of every ``torch_model`` parameter (0 where None), mapped onto the NNX
     parameter paths of ``model`` by :func:`torch_state_dict_to_nnx`: ``{path: Param}``.
     ``model`` itself is not changed."""
-    grads = {
-        k: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-        for k, p in torch_model.named_parameters()
-    }
-    holder = torch_state_dict_to_nnx(grads, nnx.clone(model))
-    return dict(nnx.to_flat_state(nnx.state(holder, nnx.Param)))
+    grads = convert.state_dict_to_nnx(convert.torch_grads(torch_model), model, nnx_name)
+    return dict(nnx.to_flat_state(grads))
 
 
 def _check_grads(model: nn.Module, step: int) -> list[str]:

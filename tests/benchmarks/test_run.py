@@ -1,4 +1,4 @@
-"""The benchmark runner and the parity suite (at a small size; the full size is the benchmark)."""
+"""The benchmark runner and the parity suite (at the small size; the full size is the benchmark)."""
 
 from __future__ import annotations
 
@@ -6,37 +6,95 @@ import json
 
 import pytest
 
-from benchmarks import parity
+from benchmarks import parity, specs
 from benchmarks import run as runner
 
 
 @pytest.fixture(scope="module")
 def small_parity() -> dict:
-    return parity._cfmvc(n_cells=12, n_genes=40, seed=1)
+    return parity.run(models=["cfmvc"], size="small")
 
 
-def test_parity_errors_are_measured_and_small(small_parity):
-    errors = small_parity["max_relative_error"]
-    assert set(errors) >= {"nb_log_likelihood", "vae_gradients", "flow_velocity", "flow_gradients"}
-    assert all(err < 1e-4 for err in errors.values()), errors
-    assert all(small_parity["within_tolerance"].values())
-    assert any(err > 0 for err in errors.values())  # two float32 implementations, not one
+def test_parity_loop_runs_every_preset_within_tolerance(small_parity):
+    spec = specs.get("cfmvc")
+    assert list(small_parity["models"]) == [parity.result_key(spec, p) for p in spec.presets]
+    assert set(small_parity["environment"]) >= {"jax", "torch", "platform"}
+    for res in small_parity["models"].values():
+        errors = res["max_relative_error"]
+        assert set(errors) >= {"nb_log_likelihood", "vae_gradients", "flow_velocity"}
+        assert res["tolerance"]["vae_gradients"] == parity.TOLERANCES["gradient"]
+        assert res["tolerance"]["vae_loss"] == parity.TOLERANCES["value"]
+        assert all(res["within_tolerance"].values()), errors
+        assert any(err > 0 for err in errors.values())  # two float32 implementations, not one
+        assert res["config"]["size"] == "small"
 
 
 def test_parity_markdown_flags_a_failure(small_parity):
-    bad = {**small_parity, "within_tolerance": {**small_parity["within_tolerance"], "alpha": False}}
-    md = parity.parity_markdown({"torch": "x", "cfmvc": bad})
+    res = small_parity["models"]["cfmvc"]
+    bad = {**res, "within_tolerance": {**res["within_tolerance"], "alpha": False}}
+    md = parity.parity_markdown({**small_parity, "models": {"cfmvc": bad}})
     assert "| alpha |" in md and "| NO |" in md
     assert md.count("| yes |") == len(bad["within_tolerance"]) - 1
 
 
 def test_run_suite_writes_json_and_markdown(tmp_path, monkeypatch, small_parity):
-    monkeypatch.setattr(parity, "run", lambda: {"torch": "x", "cfmvc": small_parity})
+    monkeypatch.setattr(parity, "run", lambda models=None: small_parity)
     json_path, md_path = runner.run_suite("parity", out_dir=tmp_path)
     assert json_path.name == f"parity-{runner.device_name()}.json"
-    assert json.loads(json_path.read_text())["cfmvc"]["within_tolerance"]["flow_gradients"]
+    written = json.loads(json_path.read_text())
+    assert written["models"]["cfmvc"]["within_tolerance"]["flow_gradients"]
     assert "| flow_gradients |" in md_path.read_text()
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_model_option_reaches_the_per_model_suites_only(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def fake_parity(models=None):
+        seen["parity"] = models
+        return {"environment": {}, "models": {}}
+
+    def fake_numerics(write=True):
+        seen["numerics"] = "called"
+        return {"x": 1.0}
+
+    from benchmarks import bench_numerics
+
+    monkeypatch.setattr(parity, "run", fake_parity)
+    monkeypatch.setattr(parity, "parity_markdown", lambda r: "")
+    monkeypatch.setattr(bench_numerics, "run", fake_numerics)
+    monkeypatch.setattr(bench_numerics, "to_markdown", lambda r: "")
+    monkeypatch.setattr(runner, "RESULTS", tmp_path)
+    argv = ["--suite", "parity", "--suite", "numerics", "--model", "cfmvc", "--model", "cfmvc"]
+    assert runner.main(argv) == 0
+    assert seen == {"parity": ["cfmvc"], "numerics": "called"}
+    assert "'numerics' has no model part" in capsys.readouterr().err
+    assert (tmp_path / f"parity-{runner.device_name()}.json").exists()
+    assert runner.per_model("speed") and runner.per_model("stability")
+    assert not runner.per_model("overhead")
+
+
+def test_unknown_model_exits_2_naming_the_known_ones(capsys, monkeypatch):
+    monkeypatch.setattr(parity, "run", lambda models=None: pytest.fail("suite ran"))
+    assert runner.main(["--suite", "parity", "--model", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'nosuch'" in err
+    assert f"known models: {', '.join(specs.names())}" in err
+
+
+def test_unknown_model_exits_2_from_the_command_line():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--suite", "speed", "--model", "nosuch"],
+        capture_output=True,
+        text=True,
+        cwd=runner.RESULTS.parents[1],
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "unknown model 'nosuch'; known models: cfmvc" in proc.stderr
 
 
 def test_unknown_suite_is_refused(capsys):
@@ -46,7 +104,19 @@ def test_unknown_suite_is_refused(capsys):
 
 
 @pytest.mark.parametrize(
-    "module", ["run", "parity", "bench_numerics", "stability", "deviations_cfmvc"]
+    "module",
+    [
+        "run",
+        "parity",
+        "bench_numerics",
+        "stability",
+        "deviations_cfmvc",
+        "convert",
+        "meta",
+        "specs",
+        "specs.base",
+        "specs.cfmvc",
+    ],
 )
 def test_docstring_examples(module):
     import doctest
@@ -55,6 +125,15 @@ def test_docstring_examples(module):
     mod = importlib.import_module(f"benchmarks.{module}")
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_suites_name_no_model():
+    from pathlib import Path
+
+    root = Path(runner.__file__).parent
+    for name in ("run.py", "parity.py", "bench_models.py", "stability.py", "bench_overhead.py"):
+        source = (root / name).read_text()
+        assert '"cfmvc"' not in source and "'cfmvc'" not in source, name
 
 
 def test_deviation_variants_change_one_field_each():
