@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from jaxstab.tree import path_name
+
 try:  # chex turns checkify failures whose message has its prefix into AssertionError.
     from chex._src.asserts_internal import get_chexify_err_message as _chex_message
 except ImportError:  # pragma: no cover - older/newer chex layouts
@@ -24,8 +26,7 @@ __all__ = ["GuardedStep", "assert_finite", "guard_step", "wait_checks"]
 
 
 def _path_str(path: Sequence[Any]) -> str:
-    text = jax.tree_util.keystr(tuple(path), simple=True, separator="/")
-    return text or "<root>"
+    return path_name(tuple(path))
 
 
 def _is_checked_leaf(leaf: Any) -> bool:
