@@ -71,7 +71,7 @@ def _generate(graphdef, state, p, batch, cell_type, spatial, library, key, z0, n
         v = model.flow(z, t, context, alpha)
         finite = jnp.isfinite(v)
         v = jnp.where(finite, v, 0.0)
-        return (z + dt * v, n_bad + jnp.sum(~finite)), None
+        return (z + dt * v, n_bad + jnp.sum(~finite, dtype=jnp.int32)), None
 
     (z, n_bad), _ = jax.lax.scan(step, (z0, jnp.zeros((), jnp.int32)), jnp.arange(n_steps))
     z_tech = jnp.zeros((z.shape[0], model.dim_tech), z.dtype)

@@ -3,8 +3,8 @@
 CI has no checkout of the original (``cfm_vc``), so the reference side is an adapter over the
 project's own PyTorch version (``benchmarks/torch_ref/cfmvc.py``) at
 ``CFMVCConfig.original()`` (small widths; bounds ``"clip"``, i.e. ``torch.clamp`` as in the
-original), with the same interface as ``benchmarks.fidelity_cfmvc.OriginalAdapter``; the port
-under test is at ``CFMVCConfig.original()`` itself (straight-through clamps)."""
+original), with the same interface as ``benchmarks.fidelity_original.OriginalAdapter``; the port
+under test is at ``CFMVCConfig.original()`` too, compared in float32 and float64."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from benchmarks import fidelity_cfmvc as fid
+from benchmarks import fidelity_original as orig
 from benchmarks import run as runner
 from benchmarks.torch_ref import cfmvc as tref
 from jaxstab.models.cfmvc import CFMVCConfig
@@ -105,7 +106,7 @@ class TorchRefAdapter:
     def generate(self, inputs, z0, n_steps):
         m = self.model
         b, c = self._codes(inputs)
-        with torch.no_grad():
+        with torch.no_grad(), orig.torch_default_dtype(self.dtype):
             ctx, alpha = m.context_encoder(self._t(inputs["p"]), b, c)
             z, dt = self._t(z0), 1.0 / n_steps
             for i in range(n_steps):
@@ -120,15 +121,13 @@ def setup():
     config = CFMVCConfig.small(CFMVCConfig.original()).replace(
         control_column=inputs["control_column"]
     )
+    assert (config.logvar_bound, config.mean_bound, config.theta_bound) == ("clip",) * 3
     torch.manual_seed(0)
     meta = inputs["meta"]
-    # The original bounds with torch.clamp: the stand-in does too ("clip"); the port under test
-    # keeps CFMVCConfig.original()'s straight-through clamps.
-    hard = config.replace(logvar_bound="clip", mean_bound="clip", theta_bound="clip")
     model = tref.CFMVCModel(
-        meta["n_genes"], meta["n_batches"], meta["n_cell_types"], meta["n_perturbations"], hard
+        meta["n_genes"], meta["n_batches"], meta["n_cell_types"], meta["n_perturbations"], config
     )
-    fid.stress_clamps(model)  # every clamp active somewhere: the clip comparison is exercised
+    orig.stress_clamps(model)  # every clamp active somewhere: the clip comparison is exercised
     model.eval()
     noise = fid.make_noise(N_CELLS, config.dim_int, config.dim_tech, seed=2)
     return model, config, inputs, noise
@@ -138,6 +137,13 @@ def setup():
 def result(setup):
     model, config, inputs, noise = setup
     return fid.compare(TorchRefAdapter(model), model.state_dict(), config, inputs, noise, N_STEPS)
+
+
+@pytest.fixture(scope="module")
+def result64(setup):
+    model, config, inputs, noise = setup
+    adapter = TorchRefAdapter(model)
+    return fid.compare(adapter, model.state_dict(), config, inputs, noise, N_STEPS, float64=True)
 
 
 def test_inputs_encode_the_control_as_the_original_does():
@@ -163,30 +169,51 @@ def test_stand_in_matches_the_port(result):
 def test_active_clamps_are_reported_and_compared_with_clip(result):
     assert all(n > 0 for k, n in result["clamps_active"].items() if k != "log_mean_generation")
     by_design = result["by_design"]
-    assert by_design == ["stage1_vae_gradients (straight-through)"]
+    assert by_design == [fid.STRAIGHT_THROUGH_ROW]
+    assert "straight_through=True" in by_design[0]
     assert result["max_relative_error"][by_design[0]] > 1e-3  # straight-through ≠ clamp
-    assert result["within_tolerance"]["stage1_vae_gradients (clip bounds)"]
+    assert by_design[0] not in result["within_tolerance"]  # not counted as failing
+    assert result["within_tolerance"]["stage1_vae_gradients"]  # original() is torch.clamp
+    assert result["ok"] or result["ok_up_to_float32_rounding"]
     md = fid.markdown_table(result["max_relative_error"], 1e-5, frozenset(by_design))
     assert f"| {by_design[0]} |" in md and f"| {fid.BY_DESIGN} |" in md
 
 
-def test_a_perturbed_weight_is_flagged(setup, tmp_path):
+def test_float64_agrees_with_the_stand_in(result64):
+    errors = result64["max_relative_error"]
+    assert result64["dtype"] == "float64" and result64["tolerance"] == fid.FLOAT64_TOLERANCE
+    assert result64["ok"], errors
+    assert result64["by_design"] == [fid.STRAIGHT_THROUGH_ROW]
+    assert all(v <= 1e-9 for k, v in errors.items() if k not in result64["by_design"]), errors
+    assert errors[fid.STRAIGHT_THROUGH_ROW] > 1e-3  # the variant still differs by design
+    assert not result64["float32_floor"]
+    assert {"stage1_vae_gradients", "stage2_flow_gradients", "generate.expression"} <= set(errors)
+
+
+@pytest.mark.parametrize("float64", [False, True], ids=["float32", "float64"])
+def test_a_perturbed_weight_is_flagged(setup, tmp_path, float64):
     model, config, inputs, noise = setup
     state = {k: v.clone() for k, v in model.state_dict().items()}
     state["flow.base_head.bias"] += 0.5  # the port gets a different flow bias
-    bad = fid.compare(TorchRefAdapter(model), state, config, inputs, noise, N_STEPS)
+    adapter = TorchRefAdapter(model)
+    bad = fid.compare(adapter, state, config, inputs, noise, N_STEPS, float64=float64)
     within = bad["within_tolerance"]
-    assert not bad["ok"]
+    assert not bad["ok"] and not bad["ok_up_to_float32_rounding"]
     for name in ("velocity", "stage2_flow_loss", "stage2_flow_gradients", "generate.z_int"):
         assert not within[name], name
     for name in ("encoder.int_mean", "context", "alpha", "nb_log_likelihood"):
         assert within[name], name
+    if float64:
+        return
+    bad["float64"] = fid.compare(adapter, state, config, inputs, noise, N_STEPS, float64=True)
     result = {
         "original": "stand-in", "original_commit": "0" * 40, "tolerance": fid.TOLERANCE,
         "device": runner.device_name(), "all_ok": False, "scenarios": {"perturbed": bad},
+        "all_within_tolerance_float64": False, "tolerance_float64": fid.FLOAT64_TOLERANCE,
     }  # fmt: skip
     md = fid.to_markdown(result)
     assert "| velocity |" in md and "| NO |" in md and "0" * 40 in md
+    assert "### float32" in md and "### float64" in md and "| 1e-09 | NO |" in md
     json_path, md_path = runner.write_results("fidelity_cfmvc", result, md, tmp_path)
     assert json.loads(json_path.read_text())["scenarios"]["perturbed"]["ok"] is False
     assert md_path.read_text() == md
@@ -203,25 +230,47 @@ def test_rel_err_and_table():
     assert "NO (float32" in fid.markdown_table({"b": 1e-3}, 1e-5, floor=floor)
 
 
+def test_port_side_in_float64_keeps_float64(setup):
+    import jax
+
+    from benchmarks import fidelity_port as port_side
+
+    model, config, inputs, _ = setup
+    with pytest.raises(RuntimeError, match="x64"):
+        port_side.build_port(config, model.state_dict(), inputs, np.float64)
+    with jax.enable_x64(True):
+        port = port_side.build_port(config, model.state_dict(), inputs, np.float64)
+        dtypes = {str(leaf.dtype) for leaf in jax.tree.leaves(nnx_params(port))}
+    assert dtypes == {"float64"}
+    assert port_side.as_dtype(inputs, np.float64, ("x",))["x"].dtype == np.float64
+    assert port_side.as_dtype(inputs, np.float64, ("x",))["p"].dtype == np.float32
+
+
+def nnx_params(model):
+    from flax import nnx
+
+    return nnx.state(model, nnx.Param)
+
+
 def test_commit_and_import_of_the_original(tmp_path):
-    assert fid.original_commit(tmp_path) is None
+    assert orig.original_commit(tmp_path) is None
     (tmp_path / "COMMIT").write_text("e2a56a3e607b894321126787773a0b24747a8a0f\n")
-    assert fid.original_commit(tmp_path) == "e2a56a3e607b894321126787773a0b24747a8a0f"
+    assert orig.original_commit(tmp_path) == "e2a56a3e607b894321126787773a0b24747a8a0f"
     with pytest.raises(FileNotFoundError, match="cfm_vc"):
-        fid.import_original(tmp_path)
+        orig.import_original(tmp_path)
 
 
 def test_torch_proxy_hands_out_fixed_noise_and_restores():
     mod = types.SimpleNamespace(torch=torch)
     z = torch.arange(6.0).reshape(2, 3)
-    with fid.patched_torch(mod, randn_like=fid._Queue("randn_like", [z])):
+    with orig.patched_torch(mod, randn_like=orig._Queue("randn_like", [z])):
         np.testing.assert_array_equal(mod.torch.randn_like(torch.zeros(2, 3)).numpy(), z.numpy())
         assert mod.torch.exp is torch.exp
         with pytest.raises(RuntimeError, match="more often"):
             mod.torch.randn_like(torch.zeros(2, 3))
     assert mod.torch is torch
     with (
-        fid.patched_torch(mod, randn_like=fid._Queue("randn_like", [z])),
+        orig.patched_torch(mod, randn_like=orig._Queue("randn_like", [z])),
         pytest.raises(RuntimeError, match="shape"),
     ):
         mod.torch.randn_like(torch.zeros(3, 2))
