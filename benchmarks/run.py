@@ -8,7 +8,9 @@ and a markdown table next to it (``.md``), where ``<device>`` is JAX's default p
 The per-model suites (those whose ``run`` takes ``models``: parity, speed, stability) loop over
 the specs of :mod:`benchmarks.specs`; ``--model NAME`` (repeatable) restricts them to those
 models. An unknown name exits with status 2 and lists the known ones. The other suites
-(numerics, overhead) have no model part and ignore ``--model``.
+(numerics, overhead) have no model part and ignore ``--model``. ``--preset NAME``
+(repeatable) goes to the suites whose ``run`` takes ``presets`` (stability; default: the
+suite's own) and is ignored, with a note, by the others.
 
 Example:
   >>> sorted(SUITES)
@@ -95,19 +97,31 @@ def per_model(suite: str) -> bool:
     return "models" in inspect.signature(fn).parameters
 
 
+def takes_presets(suite: str) -> bool:
+    """Whether ``suite``'s ``run`` takes ``presets`` (config presets of the specs)."""
+    fn, _ = _resolve(suite)
+    return "presets" in inspect.signature(fn).parameters
+
+
 def run_suite(
-    suite: str, out_dir: Path | None = None, models: Sequence[str] | None = None
+    suite: str,
+    out_dir: Path | None = None,
+    models: Sequence[str] | None = None,
+    presets: Sequence[str] | None = None,
 ) -> tuple[Path, Path]:
     """Runs one suite and writes its JSON and markdown (in ``out_dir``, default
     :data:`RESULTS`); returns both paths.
 
-    ``models`` (spec names; ``None``: all) goes to a per-model suite, is ignored by the others.
+    ``models`` (spec names; ``None``: all) goes to a per-model suite, is ignored by the others;
+    ``presets`` (``None``: the suite's default) likewise to a suite that takes them.
     """
     fn, to_md = _resolve(suite)
     params = inspect.signature(fn).parameters
     kwargs: dict[str, Any] = {"write": False} if "write" in params else {}
     if "models" in params and models is not None:
         kwargs["models"] = list(models)
+    if "presets" in params and presets is not None:
+        kwargs["presets"] = list(presets)
     result = fn(**kwargs)
     markdown = to_md(result) if to_md else generic_markdown(suite, result)
     return write_results(suite, result, markdown, out_dir)
@@ -144,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="model for the per-model suites (repeat for several; default: every spec)",
     )
+    parser.add_argument(
+        "--preset",
+        action="append",
+        metavar="NAME",
+        help="config preset for the suites that take one (repeat for several; default: theirs)",
+    )
     args = parser.parse_args(argv)
     from benchmarks import specs
 
@@ -152,13 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     except specs.UnknownModel as e:
         print(f"benchmarks: {e}", file=sys.stderr)
         return 2
+    for spec in specs.select(models):
+        unknown = [p for p in args.preset or () if p not in spec.presets]
+        if unknown:
+            known = ", ".join(spec.presets)
+            print(f"benchmarks: model {spec.name!r} has no preset {unknown[0]!r}; presets: "
+                  f"{known}", file=sys.stderr)  # fmt: skip
+            return 2
     for suite in args.suite:
         if models is not None and not per_model(suite):
             print(
                 f"benchmarks: suite {suite!r} has no model part; --model ignored", file=sys.stderr
             )
+        if args.preset is not None and not takes_presets(suite):
+            print(f"benchmarks: suite {suite!r} takes no preset; --preset ignored", file=sys.stderr)
         try:
-            json_path, md_path = run_suite(suite, models=models)
+            json_path, md_path = run_suite(suite, models=models, presets=args.preset)
         except ImportError as e:
             print(f"benchmarks: suite {suite!r} is not available: {e}", file=sys.stderr)
             return 2

@@ -23,7 +23,13 @@ the seed's loop guards: ``clip_grad_norm_(1.0)`` and the ``isfinite`` check ever
 that ends the epoch on a non-finite loss). The JAX runs are one jitted ``lax.scan`` per run
 whose fault schedule is an argument, so each variant compiles once.
 
-Run ``python -m benchmarks.run --suite stability [--model NAME]``.
+Every run uses one config preset of the spec (``spec.presets``; default ``"default"``) on
+both sides; ``presets`` (``--preset NAME``, repeatable) runs the table once per preset, keyed
+``name`` for the default preset and ``name-<preset>`` for the others (as in the parity
+suite). With ``original`` (CFM-VC: ``CFMVCConfig.original()``, whose bounds are already the
+hard clamps) the ``torch_seed`` variant is the original's function with the seed's guards.
+
+Run ``python -m benchmarks.run --suite stability [--model NAME] [--preset NAME ...]``.
 """
 
 from __future__ import annotations
@@ -152,13 +158,15 @@ def _jax_runner(spec: specs.ModelSpec, tx: optax.GradientTransformation, graphde
     return run
 
 
-def optimizer(spec: specs.ModelSpec, variant: str) -> optax.GradientTransformation:
+def optimizer(
+    spec: specs.ModelSpec, variant: str, preset: str = "default"
+) -> optax.GradientTransformation:
     """The stage optimizer of a JAX variant (``jax_none``, ``jax_guard``, ``jax_guard_noclip``)."""
     from jaxstab import plugin
     from jaxstab.train.stages import stage_optimizer
 
     entry = spec.model_entry()
-    inner = plugin.inner_optimizer(entry, spec.run_config(SIZE))
+    inner = plugin.inner_optimizer(entry, spec.run_config(SIZE, preset))
     trainable = entry.stage(spec.stage).trainable
     settings = {"jax_none": {"guard": False}, "jax_guard": {"clip": CLIP},
                 "jax_guard_noclip": {"clip": None}}  # fmt: skip
@@ -167,13 +175,15 @@ def optimizer(spec: specs.ModelSpec, variant: str) -> optax.GradientTransformati
     return stage_optimizer(inner, trainable, **settings[variant])
 
 
-def run_jax(spec: specs.ModelSpec, variant: str, seeds: Iterable[int] = SEEDS) -> dict:
+def run_jax(
+    spec: specs.ModelSpec, variant: str, seeds: Iterable[int] = SEEDS, preset: str = "default"
+) -> dict:
     """Final eval loss and parameter finiteness of every (seed, fault) run of one variant."""
-    tx = optimizer(spec, variant)
+    tx = optimizer(spec, variant, preset)
     runner, out = None, {}
     for seed in seeds:
         train, held = split(spec, seed)
-        model, _ = spec.build_jax(SIZE, "default", seed)
+        model, _ = spec.build_jax(SIZE, preset, seed)
         model.train()
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         runner = runner or _jax_runner(spec, tx, graphdef)
@@ -198,7 +208,7 @@ def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return out
 
 
-def run_torch(spec: specs.ModelSpec, seeds: Iterable[int] = SEEDS) -> dict:
+def run_torch(spec: specs.ModelSpec, seeds: Iterable[int] = SEEDS, preset: str = "default") -> dict:
     """The same runs with the PyTorch version, ``spec.seed_guards`` and the seed's guards."""
     import torch
 
@@ -206,7 +216,7 @@ def run_torch(spec: specs.ModelSpec, seeds: Iterable[int] = SEEDS) -> dict:
     # slower with 2 threads on a loaded 2-core machine).
     torch.set_num_threads(1)
     trainable = spec.model_entry().stage(spec.stage).trainable
-    cfg = spec.run_config(SIZE)
+    cfg = spec.run_config(SIZE, preset)
     lr, weight_decay = float(cfg["lr"]), float(cfg["weight_decay"] or 0.0)
     out = {}
     for seed in seeds:
@@ -217,7 +227,7 @@ def run_torch(spec: specs.ModelSpec, seeds: Iterable[int] = SEEDS) -> dict:
         data, held_t = _tensors(train), _tensors(held)
         for fault in FAULTS:
             sched = schedule(seed, fault, order.shape[0])
-            model = spec.build_torch(SIZE, "default", seed, **spec.seed_guards)
+            model = spec.build_torch(SIZE, preset, seed, **spec.seed_guards)
             model.train()
             groups = [model] if trainable is None else [getattr(model, g) for g in trainable]
             params = [p for g in groups for p in g.parameters()]
@@ -285,14 +295,36 @@ def summarize(raw: dict[tuple[int, str], tuple[float, bool]]) -> dict[str, Any]:
     return out
 
 
+def result_key(spec: specs.ModelSpec, preset: str) -> str:
+    """``name`` for the default preset, ``name-<preset>`` for the others.
+
+    >>> result_key(specs.get(specs.names()[0]), "original").endswith("-original")
+    True
+    """
+    return spec.name if preset == "default" else f"{spec.name}-{preset}"
+
+
+def check_preset(spec: specs.ModelSpec, preset: str) -> None:
+    """``ValueError`` naming the spec's presets when ``preset`` is not one of them."""
+    if preset not in spec.presets:
+        known = ", ".join(spec.presets)
+        raise ValueError(f"model {spec.name!r} has no preset {preset!r}; presets: {known}")
+
+
 def run_model(
-    spec: specs.ModelSpec, variants: Iterable[str] = VARIANTS, seeds: Iterable[int] = SEEDS
+    spec: specs.ModelSpec,
+    variants: Iterable[str] = VARIANTS,
+    seeds: Iterable[int] = SEEDS,
+    preset: str = "default",
 ) -> dict[str, Any]:
-    """The survival table of one spec: its setup, every variant's summary and wall time."""
+    """The survival table of one spec at one preset: its setup, every variant's summary and
+    wall time."""
+    check_preset(spec, preset)
     seeds = tuple(seeds)
-    cfg = spec.run_config(SIZE)
+    cfg = spec.run_config(SIZE, preset)
     out: dict[str, Any] = {
         "stage": spec.stage,
+        "preset": preset,
         "setup": {
             "size": SIZE,
             "settings": dict(spec.size(SIZE)),
@@ -311,18 +343,33 @@ def run_model(
     }
     for variant in variants:
         start = time.perf_counter()
-        raw = run_torch(spec, seeds) if variant == "torch_seed" else run_jax(spec, variant, seeds)
+        if variant == "torch_seed":
+            raw = run_torch(spec, seeds, preset)
+        else:
+            raw = run_jax(spec, variant, seeds, preset)
         out["seconds"][variant] = round(time.perf_counter() - start, 1)
         out["variants"][variant] = summarize(raw)
     return out
 
 
-def run(models: Iterable[str] | None = None) -> dict[str, Any]:
-    """Every spec's (or ``models``') survival table; the runner writes the files."""
+def run(
+    models: Iterable[str] | None = None, presets: Iterable[str] = ("default",)
+) -> dict[str, Any]:
+    """Every spec's (or ``models``') survival table at each of ``presets``, keyed by
+    :func:`result_key`; the runner writes the files."""
+    chosen = specs.select(models)
+    presets = tuple(dict.fromkeys(presets))
+    for spec in chosen:  # refuse an unknown preset before any training
+        for preset in presets:
+            check_preset(spec, preset)
     return {
         "benchmark": "fault injection on each port's stage",
         "environment": environment(),
-        "models": {spec.name: run_model(spec) for spec in specs.select(models)},
+        "models": {
+            result_key(spec, preset): run_model(spec, preset=preset)
+            for spec in chosen
+            for preset in presets
+        },
     }
 
 
@@ -335,7 +382,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         setup = res["setup"]
         s = setup["settings"]
         lines += [
-            f"## {name}, stage {res['stage']}",
+            f"## {name}, stage {res['stage']}, preset {res.get('preset', 'default')}",
             "",
             f"Size {setup['size']} ({s.get('n_cells')} examples, {s.get('n_eval')} held out), "
             f"batch {s.get('batch_size')}, {setup['epochs']} epochs, {setup['seeds']} seeds. "

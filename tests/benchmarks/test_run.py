@@ -74,6 +74,39 @@ def test_model_option_reaches_the_per_model_suites_only(tmp_path, monkeypatch, c
     assert not runner.per_model("overhead")
 
 
+def test_preset_option_reaches_the_stability_suite_only(tmp_path, monkeypatch, capsys):
+    from benchmarks import bench_numerics, stability
+
+    seen = {}
+
+    def fake_stability(models=None, presets=("default",)):
+        seen["stability"] = (models, presets)
+        return {"environment": {}, "models": {}}
+
+    monkeypatch.setattr(stability, "run", fake_stability)
+    monkeypatch.setattr(stability, "to_markdown", lambda r: "")
+    monkeypatch.setattr(bench_numerics, "run", lambda write=True: {"x": 1.0})
+    monkeypatch.setattr(bench_numerics, "to_markdown", lambda r: "")
+    monkeypatch.setattr(runner, "RESULTS", tmp_path)
+    assert runner.main(["--suite", "stability"]) == 0
+    assert seen.pop("stability") == (None, ("default",))  # the suite's own default
+    argv = ["--suite", "stability", "--suite", "numerics", "--preset", "default",
+            "--preset", "original"]  # fmt: skip
+    assert runner.main(argv) == 0
+    assert seen["stability"] == (None, ["default", "original"])
+    assert "'numerics' takes no preset" in capsys.readouterr().err
+    assert runner.takes_presets("stability") and not runner.takes_presets("parity")
+
+
+def test_unknown_preset_exits_2_naming_the_known_ones(capsys, monkeypatch):
+    from benchmarks import stability
+
+    monkeypatch.setattr(stability, "run", lambda **_: pytest.fail("suite ran"))
+    assert runner.main(["--suite", "stability", "--preset", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "has no preset 'nosuch'; presets: default, original" in err
+
+
 def test_unknown_model_exits_2_naming_the_known_ones(capsys, monkeypatch):
     monkeypatch.setattr(parity, "run", lambda models=None: pytest.fail("suite ran"))
     assert runner.main(["--suite", "parity", "--model", "nosuch"]) == 2
@@ -137,7 +170,7 @@ def test_suites_name_no_model():
 
 
 def test_deviation_variants_change_one_field_each():
-    from benchmarks.deviations_cfmvc import FUNCTION_FIELDS, variants
+    from benchmarks.deviations_cfmvc import FUNCTION_FIELDS, STRAIGHT, variants
     from jaxstab.models.cfmvc import CFMVCConfig
 
     default, original = CFMVCConfig.default(), CFMVCConfig.original()
@@ -146,9 +179,62 @@ def test_deviation_variants_change_one_field_each():
     differing = [f for f in FUNCTION_FIELDS if getattr(default, f) != getattr(original, f)]
     assert all(getattr(found["original"], f) == getattr(original, f) for f in FUNCTION_FIELDS)
     assert found["original"].control_column == 2
-    singles = [n for n in found if n not in ("default", "original")]
+    straight = found[STRAIGHT]
+    assert straight.mean_bound == straight.logvar_bound == straight.theta_bound
+    assert straight.mean_bound == "straight_through" and straight.control_column == 2
+    assert straight.epochs == found["original"].epochs == default.epochs
+    singles = [n for n in found if n not in ("default", "original", STRAIGHT)]
     assert len(singles) == len(differing)
     for name in singles:
         cfg = found[name]
         changed = [f for f in FUNCTION_FIELDS if getattr(cfg, f) != getattr(default, f)]
         assert changed == [name.split("=")[0]], name
+        assert name == f"{changed[0]}={getattr(original, changed[0])}"
+    # The bound rows take the original's hard clamps.
+    assert {"logvar_bound=clip", "mean_bound=clip", "theta_bound=clip"} <= set(singles)
+
+
+def _deviation_row(pearson, status="ok", max_norm=80.0):
+    stage1 = {"status": status, "clipped_share": 1.0, "median_grad_norm": 50.0,
+              "max_grad_norm": max_norm, "nonfinite_steps": 0, "steps": 3}  # fmt: skip
+    return {"pearson": pearson, "heldout_nll": 100.0 + pearson, "stage1": stage1}
+
+
+def test_deviations_run_loops_seeds_and_summarizes(monkeypatch):
+    from benchmarks import deviations_cfmvc as dev
+
+    calls = []
+
+    def fake_one(config, train, held, *, seed, **_):
+        calls.append((config.input_transform, seed, len(train)))
+        return _deviation_row(0.1 * (seed + 1), max_norm=None if seed == 2 else 80.0)
+
+    monkeypatch.setattr(dev, "run_one", fake_one)
+    snapshots = []
+    result = dev.run(n_cells=60, n_genes=12, seeds=(0, 1, 2), only=("default", "original"),
+                     first_seed_only=("original",), progress=snapshots.append)  # fmt: skip
+    # Each seed simulates its own data; "original" runs at the first seed alone.
+    assert [(c[0], c[1]) for c in calls] == [("log1p", 0), ("none", 0), ("log1p", 1),
+                                             ("log1p", 2)]  # fmt: skip
+    assert len(snapshots) == 4 and list(result["variants"]) == ["default", "original"]
+    s = result["variants"]["default"]["summary"]
+    assert s["pearson"]["n"] == 3 and abs(s["pearson"]["mean"] - 0.2) < 1e-12
+    assert (s["pearson"]["min"], s["pearson"]["max"]) == (0.1, 0.30000000000000004)
+    assert s["max_grad_norm"]["n"] == 2 and s["statuses"] == ["ok"]
+    assert sorted(result["variants"]["default"]["seeds"]) == [0, 1, 2]
+    assert result["variants"]["original"]["summary"]["pearson"]["n"] == 1
+    md = dev.markdown(result)
+    assert "| default | 3 | 0.200 (0.100–0.300) |" in md
+    assert "| original | 1 | 0.100 | 100.1 |" in md
+    assert "Run at fewer seeds (for time): original (seed 0)." in md
+    # Resuming from the written result trains only the missing (configuration, seed) runs.
+    calls.clear()
+    again = dev.run(n_cells=60, n_genes=12, seeds=(0, 1, 2), only=("default", "original"),
+                    previous=json.loads(json.dumps(result)))  # fmt: skip
+    assert [(c[0], c[1]) for c in calls] == [("none", 1), ("none", 2)]
+    assert again["variants"]["original"]["summary"]["pearson"]["n"] == 3
+    assert "fewer seeds" not in dev.markdown(again)
+    with pytest.raises(ValueError, match="other sizes"):
+        dev.run(n_cells=90, n_genes=12, seeds=(0,), previous=result)
+    with pytest.raises(ValueError, match="unknown configurations"):
+        dev.run(seeds=(0,), only=("nosuch",))

@@ -189,6 +189,36 @@ def test_stability_torch_runs_for_one_seed():
     assert set(summary) >= set(stability.FAULTS[1:])
 
 
+def test_stability_presets_reach_both_sides_and_keys():
+    spec = specs.get("cfmvc")
+    assert stability.result_key(spec, "default") == "cfmvc"
+    assert stability.result_key(spec, "original") == "cfmvc-original"
+    with pytest.raises(ValueError, match="no preset 'nosuch'; presets: default, original"):
+        stability.run(presets=("default", "nosuch"))  # refused before any training
+    with pytest.raises(ValueError, match="no preset 'nosuch'"):
+        stability.run_model(spec, variants=(), preset="nosuch")
+    res = stability.run_model(spec, variants=(), seeds=(0,), preset="original")
+    assert res["preset"] == "original" and res["variants"] == {}
+    # The original preset's optimizer is the same stage optimizer, built from its config.
+    assert callable(stability.optimizer(spec, "jax_guard", "original").update)
+
+
+def test_stability_torch_runs_the_original_preset():
+    import dataclasses
+
+    spec = specs.get("cfmvc")
+    built = []
+
+    def spy(size, preset, seed, **changes):
+        model = spec.build_torch(size, preset, seed, **changes)
+        built.append(model.config)
+        return model
+
+    raw = stability.run_torch(dataclasses.replace(spec, build_torch=spy), (0,), "original")
+    assert built and all(c.input_transform == "none" and c.theta_bound == "clip" for c in built)
+    assert math.isfinite(raw[(0, "clean")][0])
+
+
 @pytest.mark.slow  # compiles the fault-injection scan (~15 s); the tests above cover the parts
 def test_stability_jax_guard_survives_a_nan_batch():
     res = stability.run_model(specs.get("cfmvc"), variants=("jax_guard",), seeds=(0,))
