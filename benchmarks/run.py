@@ -3,7 +3,8 @@
 ``python -m benchmarks.run --suite {numerics,parity,speed,overhead,stability} [--model NAME]``
 runs the suite's ``run(write=False)``, then writes ``benchmarks/results/<suite>-<device>.json``
 and a markdown table next to it (``.md``), where ``<device>`` is JAX's default platform
-(``cpu``, ``gpu``, ``tpu``). Suite modules are imported only when asked for.
+(``cpu``, ``gpu``, ``tpu``; the speed suite's file is ``models-<device>``, as
+``python -m benchmarks.bench_models`` names it). Suite modules are imported only when asked for.
 
 The per-model suites (those whose ``run`` takes ``models``: parity, speed, stability) loop over
 the specs of :mod:`benchmarks.specs`; ``--model NAME`` (repeatable) restricts them to those
@@ -47,6 +48,9 @@ SUITES: dict[str, tuple[str, str]] = {
     "speed": ("benchmarks.bench_models", "run"),
     "stability": ("benchmarks.stability", "run"),
 }
+# The file name of a suite's results where it is not the suite's name (the speed suite is the
+# one ``python -m benchmarks.bench_models`` writes).
+RESULT_NAMES: dict[str, str] = {"speed": "models"}
 
 
 def _flatten(prefix: str, obj: Any, rows: list[tuple[str, str]]) -> None:
@@ -124,7 +128,7 @@ def run_suite(
         kwargs["presets"] = list(presets)
     result = fn(**kwargs)
     markdown = to_md(result) if to_md else generic_markdown(suite, result)
-    return write_results(suite, result, markdown, out_dir)
+    return write_results(RESULT_NAMES.get(suite, suite), result, markdown, out_dir)
 
 
 def write_results(

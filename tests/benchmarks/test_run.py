@@ -238,3 +238,11 @@ def test_deviations_run_loops_seeds_and_summarizes(monkeypatch):
         dev.run(n_cells=90, n_genes=12, seeds=(0,), previous=result)
     with pytest.raises(ValueError, match="unknown configurations"):
         dev.run(seeds=(0,), only=("nosuch",))
+
+
+def test_the_speed_suite_writes_the_file_the_readme_quotes(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "_resolve", lambda suite: (lambda: {"x": 1.0}, None))
+    monkeypatch.setattr(runner, "device_name", lambda: "cpu")
+    json_path, md_path = runner.run_suite("speed", out_dir=tmp_path)
+    assert (json_path.name, md_path.name) == ("models-cpu.json", "models-cpu.md")
+    assert runner.run_suite("parity", out_dir=tmp_path)[0].name == "parity-cpu.json"
