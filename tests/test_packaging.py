@@ -3,6 +3,7 @@ namespace, no top-level ``models``; the built-in ports registered as entry point
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -27,8 +28,15 @@ def test_every_package_folder_is_listed():
 
 
 def test_the_wheel_has_no_top_level_models(tmp_path):
+    # Built from a copy of the sources, so setuptools' build/ folder is not left in the checkout.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("jaxstab", "models"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+        [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
          "-q", "-w", str(tmp_path)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip

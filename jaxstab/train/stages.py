@@ -98,6 +98,24 @@ def check_gradient_flow(
     return jaxstab.gradient_flow_report(grads, lambda g: groups is None or g in groups)
 
 
+def gate_gradient_flow(
+    model: nnx.Module,
+    stage: Stage,
+    loss_fn: Callable,
+    arrays: Mapping[str, Any],
+    batch_size: int,
+    key: jax.Array,
+) -> jaxstab.GradientFlowReport:
+    """:func:`check_gradient_flow` of ``stage`` on the first ``batch_size`` examples; raises
+    ``RuntimeError`` with the report when the stage checks its flow (``stage.check_flow``) and
+    the report is not ``ok``. ``loss_fn`` is the stage's loss."""
+    first = {k: jnp.asarray(v[:batch_size]) for k, v in arrays.items()}
+    report = check_gradient_flow(model, loss_fn, first, stage.trainable, key)
+    if stage.check_flow and not report.ok:
+        raise RuntimeError(f"stage {stage.name!r}: gradient flow is wrong\n{report}")
+    return report
+
+
 def run_stage(
     model: nnx.Module,
     stage: Stage,
@@ -122,10 +140,7 @@ def run_stage(
     loss = stage.loss_fn or loss_fn
     arrays = data.arrays if isinstance(data, Dataset) else data
     k_check, k_fit = jax.random.split(key)
-    first = {k: jnp.asarray(v[:batch_size]) for k, v in arrays.items()}
-    report = check_gradient_flow(model, loss, first, stage.trainable, k_check)
-    if stage.check_flow and not report.ok:
-        raise RuntimeError(f"stage {stage.name!r}: gradient flow is wrong\n{report}")
+    report = gate_gradient_flow(model, stage, loss, arrays, batch_size, k_check)
     tx = stage_optimizer(inner, stage.trainable, guard=guard, clip=clip)
     result = fit(
         model, tx, loss, arrays, batch_size=batch_size, epochs=epochs, key=k_fit, **fit_kwargs

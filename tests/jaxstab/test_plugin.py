@@ -158,3 +158,20 @@ def test_model_entry_checks_its_fields():
         jaxstab.ModelEntry("bad", print, None, print)
     with pytest.raises(TypeError, match="config must be a dataclass instance or a mapping"):
         jaxstab.ModelEntry("bad", print, print, print, config=3)
+
+
+def test_a_stage_whose_frozen_group_gets_gradient_is_refused_before_training(tmp_path):
+    ns = _user_module()
+    head = jaxstab.Stage(name="head", trainable=("head",))  # the body still gets gradient
+    entry = _four_field_entry(config=ns["Config"].small(), stages=(head,))
+    job = diag.prepare(entry, None, str(tmp_path / "run"), {"epochs": 1})
+    with pytest.raises(RuntimeError, match=r"stage 'head': gradient flow is wrong"):
+        diag.diagnose(job, progress=False)
+    assert not (tmp_path / "run").exists()
+    fine_tune = jaxstab.Stage(name="head", trainable=("head",), check_flow=False)
+    entry = _four_field_entry(config=ns["Config"].small(), stages=(fine_tune,))
+    job = diag.prepare(entry, None, str(tmp_path / "run"), {"epochs": 1})
+    report = diag.diagnose(job, progress=False)
+    assert report["status"] == "ok"
+    moved = {row["param"] for row in report["weight_changes"] if row["abs_change"] > 0}
+    assert moved == {"head/kernel", "head/bias"}  # the frozen body did not move
