@@ -108,7 +108,18 @@ def gate_gradient_flow(
 ) -> jaxstab.GradientFlowReport:
     """:func:`check_gradient_flow` of ``stage`` on the first ``batch_size`` examples; raises
     ``RuntimeError`` with the report when the stage checks its flow (``stage.check_flow``) and
-    the report is not ``ok``. ``loss_fn`` is the stage's loss."""
+    the report is not ``ok``. ``loss_fn`` is the stage's loss.
+
+    >>> import jax, numpy as np
+    >>> from flax import nnx
+    >>> from jaxstab.plugin import Stage
+    >>> model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+    >>> loss = lambda m, batch, key: ((m(batch["x"]) - 1.0) ** 2).mean()
+    >>> x = {"x": np.ones((4, 2), np.float32)}
+    >>> gate_gradient_flow(model, Stage(name="all"), lambda m, b, k: (loss(m, b, k), {}), x, 4,
+    ...                    jax.random.key(0)).ok
+    True
+    """
     first = {k: jnp.asarray(v[:batch_size]) for k, v in arrays.items()}
     report = check_gradient_flow(model, loss_fn, first, stage.trainable, key)
     if stage.check_flow and not report.ok:
