@@ -99,13 +99,16 @@ def state_dict_to_nnx(
     name_map: NameMap,
     *,
     transpose: Callable[[Path], bool] = is_linear_kernel,
+    optional: Callable[[str], bool] | None = None,
 ) -> nnx.State:
     """The ``Param`` state of ``target`` with every value taken from ``state_dict``.
 
     ``target`` (a model, possibly abstract from ``nnx.eval_shape``, or its ``Param`` state)
     gives the paths, shapes and dtypes; it is not changed. Raises ``KeyError`` for a
     parameter with no state-dict entry or an entry with no parameter (naming them), and
-    ``ValueError`` for a shape that does not match (after the transpose).
+    ``ValueError`` for a shape that does not match (after the transpose). Entries whose key
+    ``optional`` accepts may go unused (buffers the port computes instead of storing, such as
+    constant frequencies).
     """
     flat = list(nnx.to_flat_state(_params(target)))
     keys = _keys(flat, _namer(name_map))
@@ -126,6 +129,7 @@ def state_dict_to_nnx(
                 f"{tuple(like.shape)}" + (" (after transposing)" if transpose(path) else "")
             )
         leaves.append((path, var.replace(jnp.asarray(value, like.dtype))))
+    unused = [k for k in unused if optional is None or not optional(k)]
     if unused:
         raise KeyError(f"state_dict entries with no NNX parameter: {sorted(unused)}")
     return nnx.from_flat_state(leaves)

@@ -73,6 +73,8 @@ class ModelSpec:
         under ``torch.no_grad``).
       seed_guards: config changes that give the PyTorch version the guards of the code it was
         ported from (the stability suite's ``torch_seed`` variant).
+      optional_keys: state-dict keys the port need not hold (``key -> bool``; buffers it
+        computes, such as constant frequencies); ``None``: every key must map.
     """
 
     name: str
@@ -92,6 +94,7 @@ class ModelSpec:
     eval_loss_jax: Callable[..., Any]
     eval_loss_torch: Callable[..., Any]
     seed_guards: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    optional_keys: Callable[[str], bool] | None = None
 
     def size(self, name: str) -> Mapping[str, Any]:
         """The settings of size ``name``; ``KeyError`` listing the sizes if there is none."""
@@ -124,4 +127,6 @@ class ModelSpec:
         :func:`benchmarks.convert.state_dict_to_nnx` with :attr:`name_map`."""
         from benchmarks import convert
 
-        return convert.state_dict_to_nnx(state_dict, model, self.name_map)
+        return convert.state_dict_to_nnx(
+            state_dict, model, self.name_map, optional=self.optional_keys
+        )
