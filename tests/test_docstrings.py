@@ -20,6 +20,10 @@ SLOW = {
     "jaxstab.models.cfmvc": "tests/models/test_cfmvc_train.py (train + generate)",
     "jaxstab.models.cfmvc.train": "tests/models/test_cfmvc_train.py (two stages)",
     "jaxstab.models.cfmvc.losses": "tests/models/test_cfmvc_model.py and test_cfmvc_parity.py",
+    "jaxstab.models.e3gnn": "tests/models/test_e3gnn_model.py (embed)",
+    "jaxstab.models.e3gnn.model": "tests/models/test_e3gnn_model.py",
+    "jaxstab.models.e3gnn.losses": "tests/models/test_e3gnn_parity.py (loss and gradients)",
+    "jaxstab.models.e3gnn.train": "tests/models/test_e3gnn_train.py",
 }
 
 

@@ -36,7 +36,7 @@ def _run(code: str, env: dict[str, str] | None = None) -> str:
 
 
 def test_every_block_is_covered():
-    assert len(BLOCKS) == 6  # the user-model block runs in tests/jaxstab/test_plugin.py
+    assert len(BLOCKS) == 7  # the user-model block runs in tests/jaxstab/test_plugin.py
 
 
 def test_safe_math_example():
@@ -69,3 +69,10 @@ def test_cfmvc_example():
     out = _run(_block("train_cfmvc") + "\nprint(cells.expression.shape, int(cells.n_replaced))")
     assert "{'vae': 'ok', 'flow': 'ok'}" in out
     assert out.strip().splitlines()[-1] == "(3, 200) 0"
+
+
+@pytest.mark.slow  # ~2 min; tests/models/test_e3gnn_train.py and test_e3gnn_model.py cover it
+def test_e3gnn_example():
+    out = _run(_block("train_e3gnn") + "\nprint(out.fit.status, vectors.shape)")
+    assert out.strip().splitlines()[-1] == "ok (365, 1536)"
+

@@ -7,23 +7,23 @@ models nor PyTorch (a spec's fields import what they need when called).
 
 Example:
   >>> names()
-  ['cfmvc']
+  ['cfmvc', 'e3gnn']
   >>> get("cfmvc").entry
   'cfmvc'
   >>> get("nosuch")
   Traceback (most recent call last):
   ...
-  benchmarks.specs.UnknownModel: unknown model 'nosuch'; known models: cfmvc
+  benchmarks.specs.UnknownModel: unknown model 'nosuch'; known models: cfmvc, e3gnn
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from benchmarks.specs import cfmvc
+from benchmarks.specs import cfmvc, e3gnn
 from benchmarks.specs.base import ModelSpec
 
-SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (cfmvc.SPEC,)}
+SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (cfmvc.SPEC, e3gnn.SPEC)}
 
 
 class UnknownModel(KeyError):

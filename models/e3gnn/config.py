@@ -40,9 +40,9 @@ __all__ = ["LOSSES", "NORMS", "WEIGHT_PARAMS", "E3GNNConfig"]
 #   "fixed"     w = weight_init, not trained.
 WEIGHT_PARAMS: tuple[str, ...] = ("raw", "exp_clamp", "bounded", "fixed")
 # LayerNorm after each message-passing layer (when ``use_layer_norm``):
-#   "equivariant" scalars layer-normed together (affine); every l > 0 irrep type divided by the
-#                 root mean square of its instances' norms (no centring), which commutes
-#                 with rotations;
+#   "equivariant" scalars layer-normed together (affine); every l > 0 block (mul x (2l + 1))
+#                 divided by the root mean square of its components (no centring), which
+#                 commutes with rotations;
 #   "original"    the original's: scalars as above, then every l > 0 instance centred and
 #                 scaled over its own 2l + 1 components; not rotation-equivariant (subtracting
 #                 the mean of a vector's x, y, z changes its direction differently in every

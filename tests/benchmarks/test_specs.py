@@ -25,14 +25,17 @@ def test_spec_builds_both_sides_at_its_small_size(name):
     size = spec.size("small")
     for preset in spec.presets:
         model, dataset = spec.build_jax("small", preset, 0)
-        assert len(dataset) == size["n_cells"]
+        assert len(dataset) == size.get("n_cells", size.get("n_molecules"))
         torch_model = spec.build_torch("small", preset, 0)
         for group in stage.trainable or ():
             assert hasattr(model, group) and hasattr(torch_model, group)
-        # Every state-dict entry lands on an NNX parameter of the same shape.
-        state = spec.convert(torch_model.state_dict(), model)
+        # Every state-dict entry but the buffers the spec marks optional lands on an NNX
+        # parameter of the same shape, and every NNX parameter is filled.
+        sd = torch_model.state_dict()
+        state = spec.convert(sd, model)
         n_params = len(list(nnx.to_flat_state(nnx.state(model, nnx.Param))))
-        assert len(list(nnx.to_flat_state(state))) == n_params == len(torch_model.state_dict())
+        n_torch = len(dict(torch_model.named_parameters()))
+        assert len(list(nnx.to_flat_state(state))) == n_params == n_torch
     inputs = spec.inputs("small", 0)
     assert inputs == inputs and spec.inputs("small", 0) is not inputs  # built afresh
 

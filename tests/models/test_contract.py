@@ -24,7 +24,7 @@ from jaxstab.train import fit
 from jaxstab.train.stages import stage_optimizer
 from jaxstab.train.step import Carry, make_chunk_fn
 
-N_EXAMPLES, BATCH, STEPS = 96, 32, 3
+N_EXAMPLES, BATCH, STEPS = 32, 8, 3
 # Custom calls allowed in an exported module: none of them reaches the host.
 ALLOWED_CUSTOM_CALLS = frozenset({"Sharding", "SPMDFullToShardShape", "SPMDShardToFullShape"})
 
