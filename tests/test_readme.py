@@ -75,4 +75,3 @@ def test_cfmvc_example():
 def test_e3gnn_example():
     out = _run(_block("train_e3gnn") + "\nprint(out.fit.status, vectors.shape)")
     assert out.strip().splitlines()[-1] == "ok (365, 1536)"
-
