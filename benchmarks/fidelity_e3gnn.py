@@ -119,6 +119,8 @@ def _graph(arrays: Mapping[str, np.ndarray], dtype: Any) -> Any:
     from benchmarks.torch_ref.e3gnn import batch_to_graph
 
     g = batch_to_graph(arrays)
+    g = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+         for k, v in g.items()}  # fmt: skip
     src, dst = g["nonbonded_edge_index"]
     dist = torch.linalg.norm(g["pos"][dst] - g["pos"][src], dim=-1, keepdim=True)
     g["nonbonded_edge_attr"] = torch.cat([g["nonbonded_edge_attr"], dist], dim=-1)
@@ -191,6 +193,9 @@ def compare(module: Any, seed: int, float64: bool) -> dict[str, Any]:
 
     with jax.enable_x64(float64):
         model = build_model(data, config, nnx.Rngs(0))
+        # Parameters widened first: the converter casts to the target's dtype.
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.tree.map(lambda v: jnp.asarray(v, j_dtype), params))
         state = SPEC.convert(orig.state_dict(), model)
         nnx.update(model, jax.tree.map(lambda v: jnp.asarray(v, j_dtype), state))
         model.eval()
