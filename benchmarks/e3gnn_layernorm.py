@@ -11,14 +11,20 @@ learning rate (2e-3, then 5e-4) and seed:
 - ``jax_exp_clamp``: the port with ``exp_clamp`` weights under ``jaxstab.stability_guard``
   (clip 1.0, non-finite steps skipped);
 - ``jax_bounded``: the port with ``bounded`` weights (``jaxstab.numerics.bounded_positive``)
-  under the same guard.
+  under the same guard;
+- ``jax_exp_clamp_torch_init``: ``jax_exp_clamp`` started from the PyTorch version's initial
+  weights of the same seed (converted by the spec's name map), so that a gap between
+  ``torch_seed`` and ``jax_exp_clamp`` can be told apart into initialisation (this variant
+  near ``torch_seed``) and optimiser chain (near ``jax_exp_clamp``).
 
 Reported per run: the first step whose loss is not finite (``None``: none), the final cosine
 loss on the training molecules (eval mode), and the branch weights whose gradient is exactly
 zero at the end (on the first batch), with their effective values.
 
 ``python -m benchmarks.e3gnn_layernorm [--widths small|full] [--molecules N] [--epochs E]
-[--seeds S]`` writes ``benchmarks/results/e3gnn_layernorm-<device>.json``.
+[--seeds S]`` writes ``benchmarks/results/e3gnn_layernorm-<device>.json``. JAX's persistent
+compilation cache (a temporary folder) lets the runs of one variant and learning rate share
+their compiled training step across seeds.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import Any
 import numpy as np
 
 LRS = (2e-3, 5e-4)
-VARIANTS = ("torch_seed", "jax_exp_clamp", "jax_bounded")
+VARIANTS = ("torch_seed", "jax_exp_clamp", "jax_bounded", "jax_exp_clamp_torch_init")
 BATCH = 8
 
 
@@ -50,7 +56,25 @@ def _first_nonfinite(losses: Any) -> int | None:
     return int(bad[0]) if bad.size else None
 
 
-def run_jax(arrays: dict, config: Any, seed: int, epochs: int) -> dict[str, Any]:
+def _torch_init(arrays: dict, config: Any, seed: int) -> Any:
+    """The port holding the PyTorch version's initial weights for ``seed``."""
+    import torch
+    from flax import nnx
+
+    from benchmarks.specs.e3gnn import SPEC
+    from benchmarks.torch_ref.e3gnn import E3GNNTorch
+    from jaxstab.models.e3gnn import build_model
+
+    torch.manual_seed(seed)
+    reference = E3GNNTorch(config)
+    model = build_model(arrays, config, nnx.Rngs(params=seed, dropout=seed + 1))
+    nnx.update(model, SPEC.convert(reference.state_dict(), model))
+    return model
+
+
+def run_jax(
+    arrays: dict, config: Any, seed: int, epochs: int, torch_init: bool = False
+) -> dict[str, Any]:
     import jax
     from flax import nnx
 
@@ -58,7 +82,9 @@ def run_jax(arrays: dict, config: Any, seed: int, epochs: int) -> dict[str, Any]
     from jaxstab.models.e3gnn.losses import embedding_loss
 
     t0 = time.perf_counter()
-    res = train_e3gnn(arrays, key=jax.random.key(seed), config=config, epochs=epochs).fit
+    model = _torch_init(arrays, config, seed) if torch_init else None
+    res = train_e3gnn(arrays, key=jax.random.key(seed), config=config, model=model,
+                      epochs=epochs).fit  # fmt: skip
     model = res.model
     pred = embed(model, arrays, batch_size=BATCH)
     final = float(embedding_loss(pred, arrays["target"], config)[1]["cosine"])
@@ -124,10 +150,12 @@ def run(widths: str = "small", molecules: int = 365, epochs: int = 5, seeds: int
         for variant in variants:
             param = "bounded" if variant == "jax_bounded" else "exp_clamp"
             config = _config(widths, param, lr)
-            fn = run_torch if variant == "torch_seed" else run_jax
             for seed in range(seeds):
                 key = f"lr={lr:g}/{variant}/seed={seed}"
-                runs[key] = fn(arrays, config, seed, epochs)
+                if variant == "torch_seed":
+                    runs[key] = run_torch(arrays, config, seed, epochs)
+                else:
+                    runs[key] = run_jax(arrays, config, seed, epochs, variant.endswith("init"))
                 print(key, json.dumps(runs[key]), flush=True)
     summary = {}
     for lr in LRS:
@@ -171,10 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--variant", action="append", choices=VARIANTS,
+                        help="run only these variants (repeatable; default all)")  # fmt: skip
     args = parser.parse_args(argv)
+    import tempfile
+
     import jax
 
-    result = run(args.widths, args.molecules, args.epochs, args.seeds)
+    with tempfile.TemporaryDirectory() as cache:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        result = run(args.widths, args.molecules, args.epochs, args.seeds,
+                     tuple(args.variant or VARIANTS))  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"e3gnn_layernorm-{jax.devices()[0].platform}.json"

@@ -41,33 +41,34 @@ SIZES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 # State-dict entries the port computes instead of storing: the Bessel frequencies n·π; e3nn's
 # buffers (which output channels a path reaches, the Wigner 3j tables of its compiled tensor
-# products, empty weight and bias placeholders); the branch weights of weight_param "fixed"
-# (buffers on the PyTorch side).
-_COMPUTED_SUFFIXES = ("bessel_basis.frequencies", ".output_mask", ".bias", ".weight")
+# products); the branch weights of weight_param "fixed" (buffers on the PyTorch side); and the
+# empty weight and bias placeholders of e3nn modules.
+_COMPUTED_SUFFIXES = (".bessel_basis.frequencies", ".output_mask")
 _BRANCH_KEYS = ("angle_weight", "dihedral_weight", "nonbonded_weight")
+_E3NN_MODULES = (".irreps_projection.", ".linear_in.", ".self_connection.", ".tp.",
+                 ".nonlinearity.mul.")  # fmt: skip
 
 
 def optional_keys(key: str) -> bool:
     """Whether ``key`` is a state-dict entry the port may lack (see ``_COMPUTED_SUFFIXES``).
 
-    A ``.weight`` or ``.bias`` only of e3nn modules (``irreps_projection``, ``linear_in``,
-    ``self_connection``, ``output_projection`` of a branch, ``tp``, the gate's ``mul``), where
-    the non-empty weights are also parameters of the port, so a missing one still fails.
+    A ``.weight`` or ``.bias`` is optional only on e3nn modules (those of ``_E3NN_MODULES``
+    and a message layer's ``output_projection``), whose non-empty weights are also parameters
+    of the port, so a missing one still fails.
 
     >>> optional_keys("bonded_mp_layers.3.bessel_basis.frequencies")
     True
     >>> optional_keys("pooling_mlp.0.bias")
     False
     """
-    if key in _BRANCH_KEYS or "._w3j_" in key or key.endswith(_COMPUTED_SUFFIXES[:2]):
+    if key in _BRANCH_KEYS or "._w3j_" in key or key.endswith(_COMPUTED_SUFFIXES):
         return True
-    e3nn_modules = (".irreps_projection.", ".linear_in.", ".self_connection.", ".tp.",
-                    ".nonlinearity.mul.", "_mp_layers.")  # fmt: skip
-    owner = key.rsplit(".", 1)[0] + "."
-    is_e3nn = any(m in owner for m in e3nn_modules[:-1]) or (
+    owner, _, leaf = key.rpartition(".")
+    owner += "."
+    is_e3nn = any(m in owner for m in _E3NN_MODULES) or (
         "_mp_layers." in owner and owner.endswith(".output_projection.")
     )
-    return is_e3nn and key.endswith(_COMPUTED_SUFFIXES[2:])
+    return is_e3nn and leaf in ("weight", "bias")
 
 
 def name_map(path: tuple) -> str:
