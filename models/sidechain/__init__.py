@@ -1,0 +1,47 @@
+"""Side-chain Gaussian model for fixed-backbone sequence and side-chain design (Flax NNX).
+
+Files in the order the data flows: :mod:`residue_constants` (residue and atom14 tables),
+:mod:`data` (:func:`load_pdb` reads protein chains into padded atom14 arrays,
+:func:`default_data` gives the bundled DSSP test chains split by chain), :mod:`crop`
+(fixed-length residue windows), :mod:`rigid` (backbone frames) and :mod:`geometry` (the
+residues' offset Gaussians).
+
+Example:
+  >>> from jaxstab.models.sidechain import default_data, residue_constants
+  >>> data = default_data("val")
+  >>> len(data), data.arrays["atom14_pos"].shape, data.meta["names"][0]
+  (10, (10, 173, 14, 3), '1h4aX:X')
+  >>> t = int(data.arrays["aatype"][0, 1])  # the chain's second residue
+  >>> data.meta["sequences"][0][:3], residue_constants.ATOM14_NAMES_BY_TYPE[t][4:9]
+  ('GKI', ('CB', 'CG', 'CD', 'CE', 'NZ'))
+"""
+
+from jaxstab.models.sidechain import residue_constants
+from jaxstab.models.sidechain.crop import center_crop, crop
+from jaxstab.models.sidechain.data import (
+    RESIDUE_FIELDS,
+    SPLITS,
+    SUFFIXES,
+    VAL_EVERY,
+    default_data,
+    dssp_paths,
+    load_pdb,
+)
+from jaxstab.models.sidechain.geometry import OffsetGaussianRigid, sidechain_local
+from jaxstab.models.sidechain.rigid import Rigid
+
+__all__ = [
+    "RESIDUE_FIELDS",
+    "SPLITS",
+    "SUFFIXES",
+    "VAL_EVERY",
+    "OffsetGaussianRigid",
+    "Rigid",
+    "center_crop",
+    "crop",
+    "default_data",
+    "dssp_paths",
+    "load_pdb",
+    "residue_constants",
+    "sidechain_local",
+]
