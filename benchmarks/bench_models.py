@@ -2,9 +2,10 @@
 
 ``python -m benchmarks.run --suite speed [--model NAME]`` (or ``python -m
 benchmarks.bench_models``) trains, for every spec of :mod:`benchmarks.specs` (or the ones
-named) at its ``"full"`` size (CFM-VC: 10 000 simulated cells x 2000 genes, batch 64, 157 steps
-per epoch), the spec's stage with five variants, each in its own subprocess so that peak
-memory is per variant:
+named) at its ``"speed"`` size if it has one, else its ``"full"`` size (CFM-VC: 10 000
+simulated cells x 2000 genes, batch 64, 157 steps per epoch; E3 GNN: the full-width model on 32
+EGFR molecules, batch 8), the spec's stage with five variants, each in its own subprocess so
+that peak memory is per variant:
 
 - ``jax_scan``: ``jaxstab.train.fit`` with one jitted ``lax.scan`` per epoch and the stage's
   optimizer ``jaxstab.train.stages.stage_optimizer(inner, trainable)`` (the guard inside the
@@ -41,6 +42,14 @@ from benchmarks.meta import describe, environment
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("jax_scan", "jax_scan_unguarded", "jax_step", "torch_eager", "torch_compile")
 SIZE = "full"
+
+
+def speed_size(spec: specs.ModelSpec) -> str:
+    """The size the suite trains ``spec`` at: ``"speed"`` where the spec has it, else
+    :data:`SIZE`."""
+    return "speed" if "speed" in spec.sizes else SIZE
+
+
 MEMORY = "peak resident set size of the variant's process (getrusage ru_maxrss)"
 
 
@@ -135,16 +144,18 @@ def run(
     models: Iterable[str] | None = None,
     epochs: int = 2,
     variants: Iterable[str] = VARIANTS,
-    size: str = SIZE,
+    size: str | None = None,
 ) -> dict[str, Any]:
-    """Every variant of every spec (or of ``models``), each in a subprocess."""
+    """Every variant of every spec (or of ``models``), each in a subprocess, at ``size``
+    (default: :func:`speed_size`)."""
     out: dict[str, Any] = {}
     for spec in specs.select(models):
+        at = size or speed_size(spec)
         out[spec.name] = {
             "stage": spec.stage,
-            "size": size,
-            "settings": dict(spec.size(size)),
-            "results": [_subprocess(spec.name, v, epochs, size) for v in variants],
+            "size": at,
+            "settings": dict(spec.size(at)),
+            "results": [_subprocess(spec.name, v, epochs, at) for v in variants],
         }
     return {"environment": environment(), "memory": MEMORY, "models": out}
 
@@ -156,7 +167,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     for name, res in result["models"].items():
         s = res["settings"]
         lines += [
-            f"## {name}, stage {res['stage']} (size {res['size']}: {s.get('n_cells')} "
+            f"## {name}, stage {res['stage']} (size {res['size']}: "
+            f"{s.get('n_cells', s.get('n_molecules'))} "
             f"examples, batch {s.get('batch_size')})",
             "",
             "| variant | s / epoch | first epoch incl. compile (s) | peak RSS (MiB) | final loss |",
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", help="a spec name (repeat; default all)")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per variant")
-    parser.add_argument("--size", default=SIZE, help="the specs' size preset")
+    parser.add_argument("--size", help="the specs' size preset (default: speed, else full)")
     parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process")
     args = parser.parse_args(argv)
     try:
@@ -189,11 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant:
         if len(chosen) != 1:
             parser.error("--variant needs exactly one --model")
-        print(json.dumps(run_variant(chosen[0], args.variant, args.epochs, args.size)), flush=True)
+        size = args.size or speed_size(specs.get(chosen[0]))
+        print(json.dumps(run_variant(chosen[0], args.variant, args.epochs, size)), flush=True)
         return 0
     result = run(chosen, args.epochs, size=args.size)
-    from benchmarks.run import write_results
+    from benchmarks.run import merge_models, write_results
 
+    if args.model:
+        result = merge_models("models", result)
     write_results("models", result, to_markdown(result))
     print(to_markdown(result))
     return 0

@@ -8,10 +8,11 @@ and a markdown table next to it (``.md``), where ``<device>`` is JAX's default p
 
 The per-model suites (those whose ``run`` takes ``models``: parity, speed, stability) loop over
 the specs of :mod:`benchmarks.specs`; ``--model NAME`` (repeatable) restricts them to those
-models. An unknown name exits with status 2 and lists the known ones. The other suites
-(numerics, overhead) have no model part and ignore ``--model``. ``--preset NAME``
-(repeatable) goes to the suites whose ``run`` takes ``presets`` (stability; default: the
-suite's own) and is ignored, with a note, by the others.
+models and keeps the other models' entries of the existing results file. An unknown name exits
+with status 2 and lists the known ones. The other suites (numerics, overhead) have no model
+part and ignore ``--model``. ``--preset NAME`` (repeatable) goes to the suites whose ``run``
+takes ``presets`` (stability; default: the suite's own) and is ignored, with a note, by the
+others.
 
 Example:
   >>> sorted(SUITES)
@@ -107,6 +108,30 @@ def takes_presets(suite: str) -> bool:
     return "presets" in inspect.signature(fn).parameters
 
 
+def merge_models(name: str, result: Mapping[str, Any], out_dir: Path | None = None) -> dict:
+    """``result`` with the other models of the existing ``<name>-<device>.json`` kept.
+
+    A per-model suite run for some models (``--model``) replaces their entries and keeps the
+    rest; each kept entry carries the ``environment`` it was measured in (when it differs
+    from this run's). A file without a ``models`` mapping is replaced whole.
+    """
+    path = (RESULTS if out_dir is None else out_dir) / f"{name}-{device_name()}.json"
+    if not path.exists() or not isinstance(result.get("models"), Mapping):
+        return dict(result)
+    old = json.loads(path.read_text())
+    if not isinstance(old.get("models"), Mapping):
+        return dict(result)
+    models = {}
+    for key, entry in old["models"].items():
+        if key in result["models"]:
+            continue
+        entry = dict(entry)
+        if old.get("environment") != result.get("environment"):
+            entry.setdefault("environment", old.get("environment"))
+        models[key] = entry
+    return {**result, "models": {**models, **result["models"]}}
+
+
 def run_suite(
     suite: str,
     out_dir: Path | None = None,
@@ -127,8 +152,11 @@ def run_suite(
     if "presets" in params and presets is not None:
         kwargs["presets"] = list(presets)
     result = fn(**kwargs)
+    name = RESULT_NAMES.get(suite, suite)
+    if models is not None:
+        result = merge_models(name, result, out_dir)
     markdown = to_md(result) if to_md else generic_markdown(suite, result)
-    return write_results(RESULT_NAMES.get(suite, suite), result, markdown, out_dir)
+    return write_results(name, result, markdown, out_dir)
 
 
 def write_results(

@@ -2,7 +2,8 @@
 
 For every spec of :mod:`benchmarks.specs` (or the ones named with ``--model``), at its
 ``"faults"`` size (CFM-VC: stage 1, the NB-VAE, on 256 simulated cells x 100 genes, 128
-held out), each variant trains once per seed cleanly and once per fault:
+held out; 8 epochs and 10 seeds unless the size sets ``epochs`` and ``seeds``), each variant
+trains once per seed cleanly and once per fault:
 
 - ``nan_batch``: every floating-point input of one batch replaced by NaN;
 - ``inf_grad``: +Inf added to one gradient entry (of the first trainable group) at one step;
@@ -94,7 +95,20 @@ def schedule(seed: int, fault: str, steps: int) -> dict[str, np.ndarray]:
     return s
 
 
-def batch_order(seed: int, n: int, batch: int, steps_per_epoch: int) -> np.ndarray:
+def epochs(spec: specs.ModelSpec) -> int:
+    """The spec's epochs per run: its ``faults`` size's ``epochs``, else :data:`EPOCHS`."""
+    return int(spec.size(SIZE).get("epochs", EPOCHS))
+
+
+def default_seeds(spec: specs.ModelSpec) -> tuple[int, ...]:
+    """The spec's seeds: ``range(seeds)`` of its ``faults`` size, else :data:`SEEDS`."""
+    n = spec.size(SIZE).get("seeds")
+    return SEEDS if n is None else tuple(range(int(n)))
+
+
+def batch_order(
+    seed: int, n: int, batch: int, steps_per_epoch: int, n_epochs: int = EPOCHS
+) -> np.ndarray:
     """``[steps, batch]`` example indices: a permutation per epoch, the last batch wrapping.
 
     >>> batch_order(0, 5, 2, 3).shape
@@ -102,7 +116,7 @@ def batch_order(seed: int, n: int, batch: int, steps_per_epoch: int) -> np.ndarr
     """
     rng = np.random.default_rng(seed)
     rows = []
-    for _ in range(EPOCHS):
+    for _ in range(n_epochs):
         perm = rng.permutation(n)
         for i in range(steps_per_epoch):
             rows.append(perm[np.arange(i * batch, (i + 1) * batch) % n])
@@ -111,7 +125,7 @@ def batch_order(seed: int, n: int, batch: int, steps_per_epoch: int) -> np.ndarr
 
 def _order(spec: specs.ModelSpec, seed: int, n: int) -> np.ndarray:
     batch = spec.size(SIZE)["batch_size"]
-    return batch_order(seed, n, batch, math.ceil(n / batch))
+    return batch_order(seed, n, batch, math.ceil(n / batch), epochs(spec))
 
 
 def _jax_runner(spec: specs.ModelSpec, tx: optax.GradientTransformation, graphdef: Any):
@@ -176,12 +190,15 @@ def optimizer(
 
 
 def run_jax(
-    spec: specs.ModelSpec, variant: str, seeds: Iterable[int] = SEEDS, preset: str = "default"
+    spec: specs.ModelSpec,
+    variant: str,
+    seeds: Iterable[int] | None = None,
+    preset: str = "default",
 ) -> dict:
     """Final eval loss and parameter finiteness of every (seed, fault) run of one variant."""
     tx = optimizer(spec, variant, preset)
     runner, out = None, {}
-    for seed in seeds:
+    for seed in default_seeds(spec) if seeds is None else seeds:
         train, held = split(spec, seed)
         model, _ = spec.build_jax(SIZE, preset, seed)
         model.train()
@@ -208,7 +225,9 @@ def _tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return out
 
 
-def run_torch(spec: specs.ModelSpec, seeds: Iterable[int] = SEEDS, preset: str = "default") -> dict:
+def run_torch(
+    spec: specs.ModelSpec, seeds: Iterable[int] | None = None, preset: str = "default"
+) -> dict:
     """The same runs with the PyTorch version, ``spec.seed_guards`` and the seed's guards."""
     import torch
 
@@ -219,7 +238,7 @@ def run_torch(spec: specs.ModelSpec, seeds: Iterable[int] = SEEDS, preset: str =
     cfg = spec.run_config(SIZE, preset)
     lr, weight_decay = float(cfg["lr"]), float(cfg["weight_decay"] or 0.0)
     out = {}
-    for seed in seeds:
+    for seed in default_seeds(spec) if seeds is None else seeds:
         train, held = split(spec, seed)
         n = len(next(iter(train.values())))
         spe = math.ceil(n / spec.size(SIZE)["batch_size"])
@@ -314,13 +333,13 @@ def check_preset(spec: specs.ModelSpec, preset: str) -> None:
 def run_model(
     spec: specs.ModelSpec,
     variants: Iterable[str] = VARIANTS,
-    seeds: Iterable[int] = SEEDS,
+    seeds: Iterable[int] | None = None,
     preset: str = "default",
 ) -> dict[str, Any]:
-    """The survival table of one spec at one preset: its setup, every variant's summary and
-    wall time."""
+    """The survival table of one spec at one preset (seeds: :func:`default_seeds`): its
+    setup, every variant's summary and wall time."""
     check_preset(spec, preset)
-    seeds = tuple(seeds)
+    seeds = default_seeds(spec) if seeds is None else tuple(seeds)
     cfg = spec.run_config(SIZE, preset)
     out: dict[str, Any] = {
         "stage": spec.stage,
@@ -328,7 +347,7 @@ def run_model(
         "setup": {
             "size": SIZE,
             "settings": dict(spec.size(SIZE)),
-            "epochs": EPOCHS,
+            "epochs": epochs(spec),
             "seeds": len(seeds),
             "lr": cfg["lr"],
             "weight_decay": cfg["weight_decay"],
@@ -384,7 +403,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += [
             f"## {name}, stage {res['stage']}, preset {res.get('preset', 'default')}",
             "",
-            f"Size {setup['size']} ({s.get('n_cells')} examples, {s.get('n_eval')} held out), "
+            f"Size {setup['size']} ({s.get('n_cells', s.get('n_molecules'))} examples, "
+            f"{s.get('n_eval')} held out), "
             f"batch {s.get('batch_size')}, {setup['epochs']} epochs, {setup['seeds']} seeds. "
             "A run survives when its parameters end finite and its final held-out loss is "
             f'within {100 * setup["tolerance"]:.0f} % of the same seed\'s clean run; "loss" is '

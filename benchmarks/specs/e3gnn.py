@@ -6,7 +6,10 @@ file at each size:
 
 - ``small``: 24 molecules, batch 4, ``E3GNNConfig.small()`` widths;
 - ``full``: all 365, batch 8, the preset's own widths (6 layers, ``32x0e+16x1o+8x2e``);
-- ``faults``: 192 molecules (the last 64 held out), batch 16, small widths, no dropout.
+- ``speed``: the first 32 at the preset's widths, batch 8 (the speed suite's size: a full-width
+  step takes seconds on a CPU);
+- ``faults``: 40 molecules (the last 8 held out), batch 8, small widths, no dropout, 4 epochs,
+  3 seeds (the stability suite's size, cut to what a CPU runs in half an hour).
 
 Parity compares ``E3GNNConfig.default()`` and ``E3GNNConfig.original()``: the embedding, the
 cosine loss and its gradient for every parameter. The speed and stability suites train the
@@ -15,7 +18,7 @@ single stage ``"all"``; the PyTorch version's seed guards are the seed's branch 
 
 Example:
   >>> SPEC.stage, SPEC.presets, sorted(SPEC.sizes)
-  ('all', ('default', 'original'), ['faults', 'full', 'small'])
+  ('all', ('default', 'original'), ['faults', 'full', 'small', 'speed'])
   >>> name_map(("bonded_mp_layers", 0, "radial_mlp", "layers", 4, "kernel"))
   'bonded_mp_layers.0.radial_mlp.4.weight'
 """
@@ -36,7 +39,8 @@ _SMALL = {"num_layers": 2, "hidden_irreps": "8x0e+4x1o+2x2e", "embed_hidden": 16
 SIZES: dict[str, dict[str, Any]] = {
     "small": {"n_molecules": 24, "batch_size": 4, "config": _SMALL},
     "full": {"n_molecules": 365, "batch_size": 8},
-    "faults": {"n_molecules": 192, "n_eval": 64, "batch_size": 16,
+    "speed": {"n_molecules": 32, "batch_size": 8},
+    "faults": {"n_molecules": 40, "n_eval": 8, "batch_size": 8, "epochs": 4, "seeds": 3,
                "config": {**_SMALL, "dropout": 0.0}},
 }  # fmt: skip
 # State-dict entries the port computes instead of storing: the Bessel frequencies n·π; e3nn's

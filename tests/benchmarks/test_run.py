@@ -246,3 +246,42 @@ def test_the_speed_suite_writes_the_file_the_readme_quotes(tmp_path, monkeypatch
     json_path, md_path = runner.run_suite("speed", out_dir=tmp_path)
     assert (json_path.name, md_path.name) == ("models-cpu.json", "models-cpu.md")
     assert runner.run_suite("parity", out_dir=tmp_path)[0].name == "parity-cpu.json"
+
+
+def test_a_run_for_some_models_keeps_the_other_models_results(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "device_name", lambda: "cpu")
+    old = {"environment": {"platform": "cpu", "jax": "0.1"},
+           "models": {"a": {"x": 1}, "b": {"x": 2}}}  # fmt: skip
+    (tmp_path / "speed-cpu.json").write_text(json.dumps(old))
+    new = {"environment": {"platform": "cpu", "jax": "0.2"}, "models": {"b": {"x": 3}}}
+    merged = runner.merge_models("speed", new, tmp_path)
+    assert merged["models"] == {"a": {"x": 1, "environment": old["environment"]}, "b": {"x": 3}}
+    assert merged["environment"] == new["environment"]
+    # Same environment: nothing attached; a file without models is replaced whole.
+    same = runner.merge_models("speed", {**new, "environment": old["environment"]}, tmp_path)
+    assert same["models"]["a"] == {"x": 1}
+    (tmp_path / "speed-cpu.json").write_text(json.dumps({"model": "a", "results": []}))
+    assert runner.merge_models("speed", new, tmp_path) == new
+
+    calls = []
+    monkeypatch.setattr(runner, "_resolve", lambda suite: (lambda models=None: calls.append(
+        models) or new, None))  # fmt: skip
+    (tmp_path / "parity-cpu.json").write_text(json.dumps(old))
+    runner.run_suite("parity", out_dir=tmp_path, models=["b"])
+    assert set(json.loads((tmp_path / "parity-cpu.json").read_text())["models"]) == {"a", "b"}
+    runner.run_suite("parity", out_dir=tmp_path)  # every model: the file is the new run alone
+    assert set(json.loads((tmp_path / "parity-cpu.json").read_text())["models"]) == {"b"}
+    assert calls == [["b"], None]
+
+
+def test_specs_set_their_stability_epochs_seeds_and_speed_size():
+    from benchmarks import bench_models, stability
+
+    cfmvc, e3gnn = specs.get("cfmvc"), specs.get("e3gnn")
+    assert stability.epochs(cfmvc) == stability.EPOCHS
+    assert stability.default_seeds(cfmvc) == stability.SEEDS
+    assert stability.epochs(e3gnn) == e3gnn.size("faults")["epochs"] != stability.EPOCHS
+    assert stability.default_seeds(e3gnn) == tuple(range(e3gnn.size("faults")["seeds"]))
+    assert stability.batch_order(0, 5, 2, 3, n_epochs=2).shape == (6, 2)
+    assert bench_models.speed_size(cfmvc) == "full"
+    assert bench_models.speed_size(e3gnn) == "speed"
