@@ -24,6 +24,8 @@ SLOW = {
     "jaxstab.models.e3gnn.model": "tests/models/test_e3gnn_model.py",
     "jaxstab.models.e3gnn.losses": "tests/models/test_e3gnn_parity.py (loss and gradients)",
     "jaxstab.models.e3gnn.train": "tests/models/test_e3gnn_train.py",
+    "jaxstab.models.sidechain.model": "tests/models/test_sidechain_model.py (forward)",
+    "jaxstab.models.sidechain.losses": "tests/models/test_sidechain_model.py (loss, training)",
 }
 
 

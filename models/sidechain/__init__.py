@@ -3,8 +3,11 @@
 Files in the order the data flows: :mod:`residue_constants` (residue and atom14 tables),
 :mod:`data` (:func:`load_pdb` reads protein chains into padded atom14 arrays,
 :func:`default_data` gives the bundled DSSP test chains split by chain), :mod:`crop`
-(fixed-length residue windows), :mod:`rigid` (backbone frames) and :mod:`geometry` (the
-residues' offset Gaussians).
+(fixed-length residue windows), :mod:`rigid` (backbone frames), :mod:`geometry` (the
+residues' offset Gaussians), :mod:`features` (designed-residue masks, input geometry, node and
+edge features), :mod:`iga` (invariant Gaussian attention and the 12-D update), :mod:`layers`
+(trunk layers and heads), :mod:`model` (:class:`SideChainModel`), :mod:`losses`
+(:func:`sidechain_loss`) and :mod:`config` (:class:`SideChainConfig`).
 
 Example:
   >>> from jaxstab.models.sidechain import default_data, residue_constants
@@ -17,6 +20,7 @@ Example:
 """
 
 from jaxstab.models.sidechain import residue_constants
+from jaxstab.models.sidechain.config import SideChainConfig
 from jaxstab.models.sidechain.crop import center_crop, crop
 from jaxstab.models.sidechain.data import (
     RESIDUE_FIELDS,
@@ -27,7 +31,10 @@ from jaxstab.models.sidechain.data import (
     dssp_paths,
     load_pdb,
 )
+from jaxstab.models.sidechain.features import design_mask
 from jaxstab.models.sidechain.geometry import OffsetGaussianRigid, sidechain_local
+from jaxstab.models.sidechain.losses import loss_terms, sidechain_loss
+from jaxstab.models.sidechain.model import SideChainModel
 from jaxstab.models.sidechain.rigid import Rigid
 
 __all__ = [
@@ -37,11 +44,16 @@ __all__ = [
     "VAL_EVERY",
     "OffsetGaussianRigid",
     "Rigid",
+    "SideChainConfig",
+    "SideChainModel",
     "center_crop",
     "crop",
     "default_data",
+    "design_mask",
     "dssp_paths",
     "load_pdb",
+    "loss_terms",
     "residue_constants",
     "sidechain_local",
+    "sidechain_loss",
 ]
