@@ -139,8 +139,13 @@ def run_torch(arrays: dict, config: Any, seed: int, epochs: int) -> dict[str, An
 
 
 def run(widths: str = "small", molecules: int = 365, epochs: int = 5, seeds: int = 5,
-        variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:  # fmt: skip
-    """Every variant at both learning rates for ``seeds`` seeds."""
+        variants: tuple[str, ...] = VARIANTS, done: dict[str, Any] | None = None,
+        on_run: Any = None) -> dict[str, Any]:  # fmt: skip
+    """Every variant at both learning rates for ``seeds`` seeds.
+
+    ``done`` holds runs already measured (by key, e.g. from an interrupted run's partial
+    file), which are kept and not repeated; ``on_run(runs)`` is called after each new run.
+    """
     from benchmarks.meta import environment
     from jaxstab.models.e3gnn import default_data
 
@@ -152,11 +157,16 @@ def run(widths: str = "small", molecules: int = 365, epochs: int = 5, seeds: int
             config = _config(widths, param, lr)
             for seed in range(seeds):
                 key = f"lr={lr:g}/{variant}/seed={seed}"
+                if done and key in done:
+                    runs[key] = done[key]
+                    continue
                 if variant == "torch_seed":
                     runs[key] = run_torch(arrays, config, seed, epochs)
                 else:
                     runs[key] = run_jax(arrays, config, seed, epochs, variant.endswith("init"))
                 print(key, json.dumps(runs[key]), flush=True)
+                if on_run is not None:
+                    on_run(runs)
     summary = {}
     for lr in LRS:
         for variant in variants:
@@ -201,20 +211,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--variant", action="append", choices=VARIANTS,
                         help="run only these variants (repeatable; default all)")  # fmt: skip
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs of an interrupted run (same settings)")  # fmt: skip
     args = parser.parse_args(argv)
     import tempfile
 
     import jax
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"e3gnn_layernorm-{jax.devices()[0].platform}.json"
+    # Every finished run is kept in a partial file, so an interrupted benchmark loses at most
+    # the run in progress; --resume continues from it.
+    partial = path.with_suffix(".partial.json")
+    settings = {"widths": args.widths, "molecules": args.molecules, "epochs": args.epochs}
+    done: dict[str, Any] = {}
+    if args.resume and partial.exists():
+        saved = json.loads(partial.read_text())
+        if saved.get("settings") == settings:
+            done = saved["runs"]
+        else:
+            print(f"{partial}: other settings {saved.get('settings')}; starting afresh")
+
+    def save(runs: dict[str, Any]) -> None:
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": settings, "runs": runs}, indent=1) + "\n")
+        tmp.replace(partial)
+
     with tempfile.TemporaryDirectory() as cache:
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
         result = run(args.widths, args.molecules, args.epochs, args.seeds,
-                     tuple(args.variant or VARIANTS))  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"e3gnn_layernorm-{jax.devices()[0].platform}.json"
+                     tuple(args.variant or VARIANTS), done, save)  # fmt: skip
     path.write_text(json.dumps(result, indent=2) + "\n")
+    partial.unlink(missing_ok=True)
     print(json.dumps(result["summary"], indent=2))
     return 0
 
