@@ -26,6 +26,8 @@ SLOW = {
     "jaxstab.models.e3gnn.train": "tests/models/test_e3gnn_train.py",
     "jaxstab.models.sidechain.model": "tests/models/test_sidechain_model.py (forward)",
     "jaxstab.models.sidechain.losses": "tests/models/test_sidechain_model.py (loss, training)",
+    "jaxstab.models.sidechain.predict": "tests/models/test_sidechain_train.py (predict)",
+    "jaxstab.models.sidechain.train": "tests/models/test_sidechain_train.py",
 }
 
 

@@ -7,7 +7,10 @@ Files in the order the data flows: :mod:`residue_constants` (residue and atom14 
 residues' offset Gaussians), :mod:`features` (designed-residue masks, input geometry, node and
 edge features), :mod:`iga` (invariant Gaussian attention and the 12-D update), :mod:`layers`
 (trunk layers and heads), :mod:`model` (:class:`SideChainModel`), :mod:`losses`
-(:func:`sidechain_loss`) and :mod:`config` (:class:`SideChainConfig`).
+(:func:`sidechain_loss`, which crops batches wider than ``max_len``), :mod:`train`
+(:func:`train_sidechain`, :func:`feature_stats` and the plugin entry ``ENTRY``), :mod:`predict`
+(:func:`predict`: sequence and side chains for fixed backbones) and :mod:`config`
+(:class:`SideChainConfig`).
 
 Example:
   >>> from jaxstab.models.sidechain import default_data, residue_constants
@@ -35,25 +38,39 @@ from jaxstab.models.sidechain.features import design_mask
 from jaxstab.models.sidechain.geometry import OffsetGaussianRigid, sidechain_local
 from jaxstab.models.sidechain.losses import loss_terms, sidechain_loss
 from jaxstab.models.sidechain.model import SideChainModel
+from jaxstab.models.sidechain.predict import predict
 from jaxstab.models.sidechain.rigid import Rigid
+from jaxstab.models.sidechain.train import (
+    ENTRY,
+    STAGE,
+    build_model,
+    feature_stats,
+    train_sidechain,
+)
 
 __all__ = [
+    "ENTRY",
     "RESIDUE_FIELDS",
     "SPLITS",
+    "STAGE",
     "SUFFIXES",
     "VAL_EVERY",
     "OffsetGaussianRigid",
     "Rigid",
     "SideChainConfig",
     "SideChainModel",
+    "build_model",
     "center_crop",
     "crop",
     "default_data",
     "design_mask",
     "dssp_paths",
+    "feature_stats",
     "load_pdb",
     "loss_terms",
+    "predict",
     "residue_constants",
     "sidechain_local",
     "sidechain_loss",
+    "train_sidechain",
 ]

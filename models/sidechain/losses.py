@@ -43,9 +43,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxstab.models.sidechain.config import SIDECHAIN_ATOMS, SideChainConfig, atom_weight_table
+from jaxstab.models.sidechain.crop import crop
 from jaxstab.models.sidechain.geometry import OffsetGaussianRigid
 from jaxstab.models.sidechain.model import SideChainModel, design_mask, input_geometry
 from jaxstab.numerics import gaussian_nll_3d, safe_norm
@@ -145,12 +147,36 @@ def sidechain_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training loss (``jaxstab.train.fit`` signature ``(model, batch, key)``).
 
-    Uses ``batch["design_mask"]`` when present, else draws one from ``key`` with
+    ``key`` is split in two. A batch wider than the config's ``max_len`` residues (full chains
+    as :func:`~jaxstab.models.sidechain.data.load_pdb` stores them) is first cut to a random
+    window of ``max_len`` residues per example with
+    :func:`~jaxstab.models.sidechain.crop.crop` (first half of the key; the width is static,
+    so this jits); narrower batches are used as they are. Then ``batch["design_mask"]`` is
+    used when present (cropped with the rest), else one is drawn from the second half with
     :func:`~jaxstab.models.sidechain.model.design_mask` (``mask_min``, ``mask_max``).
-    See the module docstring for an example.
+    Pair inputs (``esm_pair``) cannot be cropped here: crop them with the batch beforehand.
+
+    >>> import jax
+    >>> from flax import nnx
+    >>> from jaxstab.models.sidechain.config import SideChainConfig
+    >>> from jaxstab.models.sidechain.data import default_data
+    >>> full = {k: v[:1] for k, v in default_data("val").arrays.items()}  # 173 residue slots
+    >>> cfg = SideChainConfig.small().replace(max_len=8, n_blocks=1)
+    >>> model = SideChainModel(cfg, rngs=nnx.Rngs(0))
+    >>> loss, metrics = sidechain_loss(model, full, jax.random.key(0))
+    >>> bool(0 < metrics["n_designed"] <= 8)
+    True
     """
+    c = model.config
+    k_crop, k_mask = jax.random.split(key)
+    if np.shape(batch["aatype"])[1] > c.max_len:
+        if "esm_pair" in batch:
+            raise ValueError(
+                f"batch is {np.shape(batch['aatype'])[1]} residues wide, more than max_len="
+                f"{c.max_len}, and holds esm_pair: crop pair inputs before the loss"
+            )
+        batch = crop(batch, k_crop, c.max_len)
     if "design_mask" not in batch:
-        c = model.config
-        batch = {**batch, "design_mask": design_mask(key, batch["residue_mask"], c.mask_min,
-                                                     c.mask_max)}  # fmt: skip
-    return loss_terms(model(batch), batch, model.config)
+        mask = design_mask(k_mask, batch["residue_mask"], c.mask_min, c.mask_max)
+        batch = {**batch, "design_mask": mask}
+    return loss_terms(model(batch), batch, c)
