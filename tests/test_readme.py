@@ -36,7 +36,7 @@ def _run(code: str, env: dict[str, str] | None = None) -> str:
 
 
 def test_every_block_is_covered():
-    assert len(BLOCKS) == 7  # the user-model block runs in tests/jaxstab/test_plugin.py
+    assert len(BLOCKS) == 8  # the user-model block runs in tests/jaxstab/test_plugin.py
 
 
 def test_safe_math_example():
@@ -75,3 +75,9 @@ def test_cfmvc_example():
 def test_e3gnn_example():
     out = _run(_block("train_e3gnn") + "\nprint(out.fit.status, vectors.shape)")
     assert out.strip().splitlines()[-1] == "ok (365, 1536)"
+
+
+@pytest.mark.slow  # ~2 min of compilation; tests/models/test_sidechain_train.py covers it
+def test_sidechain_example():
+    out = _run(_block("train_sidechain"))
+    assert out.strip().splitlines()[-1] == "(10, 173, 14, 3) (10, 173, 21)"
