@@ -146,6 +146,8 @@ def run(widths: str = "small", molecules: int = 365, epochs: int = 5, seeds: int
     ``done`` holds runs already measured (by key, e.g. from an interrupted run's partial
     file), which are kept and not repeated; ``on_run(runs)`` is called after each new run.
     """
+    import jax
+
     from benchmarks.meta import environment
     from jaxstab.models.e3gnn import default_data
 
@@ -165,6 +167,9 @@ def run(widths: str = "small", molecules: int = 365, epochs: int = 5, seeds: int
                 else:
                     runs[key] = run_jax(arrays, config, seed, epochs, variant.endswith("init"))
                 print(key, json.dumps(runs[key]), flush=True)
+                # Drop this run's executables (the persistent cache keeps them on disk): a
+                # process that holds every run's runs out of memory mappings after ~17 runs.
+                jax.clear_caches()
                 if on_run is not None:
                     on_run(runs)
     summary = {}
