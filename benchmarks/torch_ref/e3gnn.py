@@ -45,6 +45,7 @@ from e3nn import o3
 from e3nn.nn import Gate
 from torch import nn
 
+from benchmarks.torch_ref.guards import scan_gradients
 from jaxstab.models.e3gnn.config import E3GNNConfig
 
 __all__ = [
@@ -772,14 +773,7 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 value.backward()
                 if check_every and global_step % check_every == 0:
-                    total = 0.0
-                    for name, p in model.named_parameters():
-                        if p.grad is not None:
-                            norm = p.grad.norm().item()
-                            total += norm**2
-                            if not math.isfinite(norm):
-                                history["nonfinite_params"].append(f"{name}@{global_step}")
-                    history["grad_norms"].append((global_step, total**0.5))
+                    scan_gradients(model, global_step, history)
                 if clip:
                     torch.nn.utils.clip_grad_norm_(params, max_norm=clip)
                 opt.step()

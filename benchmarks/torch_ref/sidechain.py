@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.torch_ref.guards import scan_gradients
 from benchmarks.torch_ref.sidechain_data import (
     batch_to_tensors,
     crop_arrays,
@@ -423,14 +424,7 @@ def train(
             if finite or on_nonfinite == "step":
                 value.backward()
                 if check_every and global_step % check_every == 0:
-                    total = 0.0
-                    for name, p in model.named_parameters():
-                        if p.grad is not None:
-                            norm = p.grad.norm().item()
-                            total += norm**2
-                            if not math.isfinite(norm):
-                                history["nonfinite_params"].append(f"{name}@{global_step}")
-                    history["grad_norms"].append((global_step, total**0.5))
+                    scan_gradients(model, global_step, history)
                 if clip:
                     torch.nn.utils.clip_grad_norm_(params, max_norm=clip)
                 opt.step()
