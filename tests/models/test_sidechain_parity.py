@@ -40,7 +40,6 @@ ALL_OPTIONS = SideChainConfig.small().replace(
     use_esm=True, per_atom_gaussians=True, log_scale_clip="soft", atom_weights="exp",
     n_blocks=1, seq_layers=2, seq_head_layers=2,
 )  # fmt: skip
-FAST_XLA = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _np(a) -> np.ndarray:
@@ -100,7 +99,7 @@ def _jax_run(model: SideChainModel, batch: dict[str, np.ndarray]) -> dict:
         loss, metrics = loss_terms(out, jb, m.config)
         return loss, (out["atom14_pos"], out["aatype_logits"], metrics)
 
-    step = jax.jit(jax.value_and_grad(f, has_aux=True)).lower(params, jb).compile(FAST_XLA)
+    step = jax.jit(jax.value_and_grad(f, has_aux=True)).lower(params, jb).compile()
     (loss, (pos, logits, metrics)), grads = step(params, jb)
     return {"loss": loss, "atom14_pos": pos, "aatype_logits": logits, "metrics": metrics,
             "gradients": nnx_to_state_dict(grads, name_map)}  # fmt: skip
