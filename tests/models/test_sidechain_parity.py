@@ -5,8 +5,8 @@ Weights are the PyTorch model's initial ones plus ``0.1 · N(0, 1)`` on every pa
 zero-initialised heads and updates are live and every leaf of the conversion matters. At
 ``0.2`` the trunk is ill-conditioned enough that PyTorch's own float32 gradients differ from
 its float64 ones by ~1e-3 (a property of that point, not of either implementation); the
-float64 case below shows the two functions agree to rounding. The JAX side is compiled at
-XLA backend optimisation level 0, which halves the compile time and changes no operation.
+float64 case below shows the two functions agree to rounding. The JAX side compiles with
+the suite's cheap XLA pipeline (tests/conftest.py), which changes no operation.
 """
 
 from __future__ import annotations
