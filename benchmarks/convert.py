@@ -42,7 +42,8 @@ NameMap = Callable[[Path], str] | Mapping[Path, str]
 
 
 def is_linear_kernel(path: Path) -> bool:
-    """Whether the NNX leaf at ``path`` is a Linear kernel (named ``kernel``), transposed."""
+    """Whether the NNX leaf at ``path`` is a Linear or 1-D convolution kernel (named
+    ``kernel``), transposed."""
     return bool(path) and path[-1] == "kernel"
 
 
@@ -74,8 +75,10 @@ def _params(target: nnx.Module | nnx.State) -> nnx.State:
 
 
 def _flip(value: np.ndarray, key: str) -> np.ndarray:
-    if value.ndim != 2:
-        raise ValueError(f"{key}: a transposed leaf must be 2-D, got shape {value.shape}")
+    # A Linear kernel [in, out] is PyTorch's weight [out, in]; a 1-D convolution kernel
+    # [k, in, out] is Conv1d's [out, in, k]. Both are ``.T``, which is its own inverse.
+    if value.ndim not in (2, 3):
+        raise ValueError(f"{key}: a transposed leaf must be 2-D or 3-D, got shape {value.shape}")
     return value.T
 
 

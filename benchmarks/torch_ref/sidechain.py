@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.torch_ref.guards import scan_gradients
+from benchmarks.torch_ref.sidechain_conv import SideAtomsFeatureHead
 from benchmarks.torch_ref.sidechain_data import (
     batch_to_tensors,
     crop_arrays,
@@ -61,6 +62,7 @@ from benchmarks.torch_ref.sidechain_geometry import (
     safe_norm,
     sidechain_local,
 )
+from benchmarks.torch_ref.sidechain_graph import BackboneGraph
 from benchmarks.torch_ref.sidechain_modules import (
     BackboneFeatures,
     EdgeFeatureNet,
@@ -126,8 +128,17 @@ class SideChainTorch(nn.Module):
         self.config = c = config.replace(**changes) if changes else config
         self.node_feature_net = NodeFeatureNet(c)
         self.edge_feature_net = EdgeFeatureNet(c)
-        self.feature_graph = BackboneFeatures(c)
-        self.sidechain_head = SidechainFeatures(c)
+        if c.backbone_graph == "chroma":
+            self.feature_graph = BackboneGraph(c.c_s, c.c_z)
+        else:
+            self.feature_graph = BackboneFeatures(c)
+        if c.sidechain_encoder == "conv":
+            n = c.sidechain_blocks
+            self.sidechain_head = SideAtomsFeatureHead(
+                c.sidechain_hidden, conv_blocks=n, mlp_blocks=n, fuse_blocks=n
+            )
+        else:
+            self.sidechain_head = SidechainFeatures(c)
         if c.embed_aatype:
             self.aatype_embedding = nn.Embedding(21, c.c_s)
         n_node = 2 * c.c_s + c.sidechain_hidden + (c.c_s if c.use_esm else 0)
@@ -179,9 +190,19 @@ class SideChainTorch(nn.Module):
         node = self.node_feature_net(index, mask, des)
         sc_mask = (batch["atom14_mask"] > 0) & (res & ~designed)[..., None]
         sc_mask = sc_mask[..., start:stop].to(dtype)
-        sc_local = rigid.expand().invert_apply(pos[..., start:stop, :])
-        sc_feat = self.sidechain_head(sc_local, sc_mask)
-        graph_node, graph_edge = self.feature_graph(pos[..., :4, :], rigid)
+        bb_frames = rigid.expand()
+        sc_local = bb_frames.invert_apply(pos[..., start:stop, :])
+        if c.sidechain_encoder == "conv":
+            pool = des[..., None].expand(sc_mask.shape)
+            sc_feat = self.sidechain_head(sc_local * sc_mask[..., None], pool)
+        else:
+            sc_feat = self.sidechain_head(sc_local, sc_mask)
+        if c.backbone_graph == "chroma":
+            bb_mask = (batch["atom14_mask"][..., :4] > 0) & res[..., None]
+            bb_local = bb_frames.invert_apply(pos[..., :4, :]) * bb_mask[..., None].to(dtype)
+            graph_node, graph_edge = self.feature_graph(bb_local, res.long())
+        else:
+            graph_node, graph_edge = self.feature_graph(pos[..., :4, :], rigid)
         parts = [self.node_feature_ln(node), self.sidechain_feature_ln(sc_feat),
                  self.graph_feature_ln(graph_node)]  # fmt: skip
         if c.use_esm:

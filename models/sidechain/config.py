@@ -16,8 +16,8 @@ Example:
   (32, 1)
   >>> SideChainConfig.from_dict(cfg.to_dict()) == cfg
   True
-  >>> sorted(SideChainConfig.original().differences(SideChainConfig.default()))
-  ['embed_aatype', 'gaussian_atoms', 'mask_min', 'relpos', 'target_thickness']
+  >>> sorted(SideChainConfig.original().differences(SideChainConfig.default()))[:4]
+  ['backbone_graph', 'embed_aatype', 'gaussian_atoms', 'mask_min']
 """
 
 from __future__ import annotations
@@ -33,10 +33,12 @@ from jaxstab.models.config import PortConfig
 
 __all__ = [
     "ATOM_WEIGHTS",
+    "BACKBONE_GRAPHS",
     "DEVIATIONS",
     "GAUSSIAN_ATOMS",
     "RELPOS",
     "SIDECHAIN_ATOMS",
+    "SIDECHAIN_ENCODERS",
     "TYPICAL_CA_DISTANCE",
     "SideChainConfig",
     "atom_weight_table",
@@ -73,6 +75,16 @@ GAUSSIAN_ATOMS: tuple[str, ...] = ("sidechain", "all")
 # ``EdgeFeatureNet.embed_relpos(torch.arange(num_res))``).
 RELPOS: tuple[str, ...] = ("residue_index", "arange")
 LOG_SCALE_CLIPS: tuple[str, ...] = ("hard", "soft")
+# Backbone features (``feature_graph``): "frame" the N, C, O atoms in the residue's frame and
+# radial features of the backbone atom-pair distances (features.BackboneFeatures); "chroma"
+# the original's Chroma feature graph (backbone_graph.BackboneGraph) on what the original
+# feeds it: each residue's N, CA, C, O in that residue's own frame.
+BACKBONE_GRAPHS: tuple[str, ...] = ("frame", "chroma")
+# Context side-chain features (``sidechain_head``): "mlp" a 2-layer MLP of the context side
+# chains with presence flags (features.SidechainFeatures); "conv" the original's CNN + MLP
+# (sidechain_encoder.SideAtomsFeatureHead) with the original's pooling mask, the designed
+# residues' (zeroed) atoms.
+SIDECHAIN_ENCODERS: tuple[str, ...] = ("mlp", "conv")
 
 # Field → (default's value, original's value) for every function choice where they differ.
 DEVIATIONS: Mapping[str, tuple[Any, Any]] = {
@@ -81,6 +93,8 @@ DEVIATIONS: Mapping[str, tuple[Any, Any]] = {
     "relpos": ("residue_index", "arange"),
     "embed_aatype": (True, False),
     "mask_min": (0.5, 0.15),
+    "backbone_graph": ("frame", "chroma"),
+    "sidechain_encoder": ("mlp", "conv"),
 }
 
 
@@ -104,8 +118,8 @@ def atom_weight_table(kind: str) -> np.ndarray:
 _POSITIVE_INTS = (
     "c_s", "c_z", "n_blocks", "n_heads", "c_hidden", "n_qk_gaussians", "n_v_points",
     "seq_heads", "seq_layers", "c_pos_emb", "c_timestep_emb", "edge_feat_dim", "num_bins",
-    "sidechain_hidden", "backbone_rbf", "esm_single_dim", "esm_pair_dim", "batch_size",
-    "epochs", "max_len",
+    "sidechain_hidden", "sidechain_blocks", "backbone_rbf", "esm_single_dim", "esm_pair_dim",
+    "batch_size", "epochs", "max_len",
 )  # fmt: skip
 
 
@@ -119,7 +133,8 @@ class SideChainConfig(PortConfig):
     feed-forward width is ``c_s``, as the original's); ``c_pos_emb``/``c_timestep_emb`` sizes
     of the node embedder's sinusoidal index and (constant t = 1) time embeddings;
     ``edge_feat_dim`` and ``num_bins`` (CA distogram, 1e-3–20 Å) of the edge embedder;
-    ``sidechain_hidden`` width of the context side-chain feature MLP; ``seq_head_layers``
+    ``sidechain_hidden`` width of the context side-chain features and ``sidechain_blocks``
+    residual blocks per stack of the ``"conv"`` encoder (the original's 4); ``seq_head_layers``
     residual MLP blocks of the sequence head; ``backbone_rbf`` radial bins per backbone atom
     pair of the backbone edge features.
 
@@ -139,7 +154,9 @@ class SideChainConfig(PortConfig):
 
     Function choices: ``relpos`` (:data:`RELPOS`); ``embed_aatype`` embeds the input sequence
     (designed residues as the mask token 20) into the node features (the original sees the
-    sequence only through ESM); ``per_atom_gaussians``: the side-chain head predicts a Gaussian
+    sequence only through ESM); ``backbone_graph`` (:data:`BACKBONE_GRAPHS`) and
+    ``sidechain_encoder`` (:data:`SIDECHAIN_ENCODERS`) choose the backbone and context
+    side-chain feature networks; ``per_atom_gaussians``: the side-chain head predicts a Gaussian
     per atom (9 numbers: normalised offset 3, log-scale change 3, rotation 3; seed 003's
     remedy) and the NLL scores each atom under its own Gaussian.
 
@@ -158,6 +175,8 @@ class SideChainConfig(PortConfig):
         "gaussian_atoms": GAUSSIAN_ATOMS,
         "relpos": RELPOS,
         "log_scale_clip": LOG_SCALE_CLIPS,
+        "backbone_graph": BACKBONE_GRAPHS,
+        "sidechain_encoder": SIDECHAIN_ENCODERS,
     }
 
     # sizes
@@ -175,6 +194,7 @@ class SideChainConfig(PortConfig):
     edge_feat_dim: int = 64
     num_bins: int = 22
     sidechain_hidden: int = 384
+    sidechain_blocks: int = 4
     seq_head_layers: int = 3
     backbone_rbf: int = 8
     # ESM inputs
@@ -193,6 +213,8 @@ class SideChainConfig(PortConfig):
     # function choices
     relpos: str = "residue_index"
     embed_aatype: bool = True
+    backbone_graph: str = "frame"
+    sidechain_encoder: str = "mlp"
     per_atom_gaussians: bool = False
     # loss
     w_mse: float = 1.0
@@ -313,6 +335,7 @@ class SideChainConfig(PortConfig):
             c_timestep_emb=8,
             edge_feat_dim=8,
             sidechain_hidden=32,
+            sidechain_blocks=1,
             seq_head_layers=1,
             backbone_rbf=4,
             esm_single_dim=16,

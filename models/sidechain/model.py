@@ -46,6 +46,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxstab.models.sidechain.backbone_graph import BackboneGraph
 from jaxstab.models.sidechain.config import SIDECHAIN_ATOMS, SideChainConfig
 from jaxstab.models.sidechain.features import (
     MASK_TOKEN,
@@ -69,6 +70,7 @@ from jaxstab.models.sidechain.layers import (
     TransformerEncoderLayer,
 )
 from jaxstab.models.sidechain.rigid import ANG_TO_NM, NM_TO_ANG, quaternion_to_rotation
+from jaxstab.models.sidechain.sidechain_encoder import SideAtomsFeatureHead
 
 __all__ = ["MASK_TOKEN", "SideChainModel", "design_mask", "input_geometry"]
 
@@ -103,8 +105,17 @@ class SideChainModel(nnx.Module):
         c = config
         self.node_feature_net = NodeFeatureNet(c, rngs=rngs)
         self.edge_feature_net = EdgeFeatureNet(c, rngs=rngs)
-        self.feature_graph = BackboneFeatures(c, rngs=rngs)
-        self.sidechain_head = SidechainFeatures(c, rngs=rngs)
+        if c.backbone_graph == "chroma":
+            self.feature_graph = BackboneGraph(c.c_s, c.c_z, rngs=rngs)
+        else:
+            self.feature_graph = BackboneFeatures(c, rngs=rngs)
+        if c.sidechain_encoder == "conv":
+            n = c.sidechain_blocks
+            self.sidechain_head = SideAtomsFeatureHead(
+                c.sidechain_hidden, conv_blocks=n, mlp_blocks=n, fuse_blocks=n, rngs=rngs
+            )
+        else:
+            self.sidechain_head = SidechainFeatures(c, rngs=rngs)
         if c.embed_aatype:
             self.aatype_embedding = nnx.Embed(21, c.c_s, rngs=rngs)
         n_node = 2 * c.c_s + c.sidechain_hidden + (c.c_s if c.use_esm else 0)
@@ -163,9 +174,22 @@ class SideChainModel(nnx.Module):
         node = self.node_feature_net(index, mask, des)
         sc_mask = (jnp.asarray(batch["atom14_mask"]) > 0) & (res & ~designed)[..., None]
         sc_mask = sc_mask[..., start:stop].astype(dtype)
-        sc_local = rigid.expand().invert_apply(pos[..., start:stop, :])
-        sc_feat = self.sidechain_head(sc_local, sc_mask)
-        graph_node, graph_edge = self.feature_graph(pos[..., :4, :], rigid)
+        bb_frames = rigid.expand()
+        sc_local = bb_frames.invert_apply(pos[..., start:stop, :])
+        if c.sidechain_encoder == "conv":
+            # The original's input: context side chains in their frame, zeros elsewhere; its
+            # pooling mask: the designed residues' slots (``sidechain_atom_mask``).
+            pool = jnp.broadcast_to(des[..., None], sc_mask.shape)
+            sc_feat = self.sidechain_head(sc_local * sc_mask[..., None], pool)
+        else:
+            sc_feat = self.sidechain_head(sc_local, sc_mask)
+        if c.backbone_graph == "chroma":
+            # The original's input: each residue's N, CA, C, O in its own frame.
+            bb_mask = (jnp.asarray(batch["atom14_mask"])[..., :4] > 0) & res[..., None]
+            bb_local = bb_frames.invert_apply(pos[..., :4, :]) * bb_mask[..., None]
+            graph_node, graph_edge = self.feature_graph(bb_local, res.astype(jnp.int32))
+        else:
+            graph_node, graph_edge = self.feature_graph(pos[..., :4, :], rigid)
         parts = [self.node_feature_ln(node), self.sidechain_feature_ln(sc_feat)]
         parts.append(self.graph_feature_ln(graph_node))
         if c.use_esm:
