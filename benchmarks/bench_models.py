@@ -38,6 +38,7 @@ from typing import Any
 
 from benchmarks import specs
 from benchmarks.meta import describe, environment
+from benchmarks.specs.base import size_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("jax_scan", "jax_scan_unguarded", "jax_step", "torch_eager", "torch_compile")
@@ -168,7 +169,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         s = res["settings"]
         lines += [
             f"## {name}, stage {res['stage']} (size {res['size']}: "
-            f"{s.get('n_cells', s.get('n_molecules'))} "
+            f"{size_examples(s)} "
             f"examples, batch {s.get('batch_size')})",
             "",
             "| variant | s / epoch | first epoch incl. compile (s) | peak RSS (MiB) | final loss |",

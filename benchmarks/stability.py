@@ -48,6 +48,7 @@ from flax import nnx
 
 from benchmarks import specs
 from benchmarks.meta import describe, environment
+from benchmarks.specs.base import size_examples
 
 SIZE = "faults"
 EPOCHS = 8
@@ -403,7 +404,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         lines += [
             f"## {name}, stage {res['stage']}, preset {res.get('preset', 'default')}",
             "",
-            f"Size {setup['size']} ({s.get('n_cells', s.get('n_molecules'))} examples, "
+            f"Size {setup['size']} ({size_examples(s)} examples, "
             f"{s.get('n_eval')} held out), "
             f"batch {s.get('batch_size')}, {setup['epochs']} epochs, {setup['seeds']} seeds. "
             "A run survives when its parameters end finite and its final held-out loss is "

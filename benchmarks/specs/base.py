@@ -39,6 +39,21 @@ if TYPE_CHECKING:
     from jaxstab.plugin import ModelEntry
 
 
+def size_examples(settings: Mapping[str, Any]) -> int | None:
+    """The number of examples a size's ``settings`` hold: ``n_cells``, ``n_molecules``, or
+    ``n_train`` plus the held-out ``n_eval`` (``None`` if none is given).
+
+    >>> size_examples({"n_train": 24, "n_eval": 8}), size_examples({"n_cells": 5})
+    (32, 5)
+    """
+    for key in ("n_cells", "n_molecules"):
+        if key in settings:
+            return int(settings[key])
+    if "n_train" in settings:
+        return int(settings["n_train"]) + int(settings.get("n_eval", 0))
+    return None
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """How the suites build, compare and train one port and its PyTorch version.
@@ -75,6 +90,12 @@ class ModelSpec:
         ported from (the stability suite's ``torch_seed`` variant).
       optional_keys: state-dict keys the port need not hold (``key -> bool``; buffers it
         computes, such as constant frequencies); ``None``: every key must map.
+      parity_weights: ``(torch_model, seed) -> None`` changes the PyTorch version's initial
+        weights in place before the parity suite copies them (for example noise on every
+        parameter, so that layers initialised to zero take part); ``None``: the initial ones.
+      zero_gradients: ``fnmatch`` patterns of state-dict keys whose gradient is 0 in exact
+        arithmetic (a bias that shifts every logit of a softmax alike): the parity suite
+        measures their difference against the largest gradient, not their own rounding noise.
     """
 
     name: str
@@ -95,6 +116,8 @@ class ModelSpec:
     eval_loss_torch: Callable[..., Any]
     seed_guards: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     optional_keys: Callable[[str], bool] | None = None
+    parity_weights: Callable[[Any, int], None] | None = None
+    zero_gradients: tuple[str, ...] = ()
 
     def size(self, name: str) -> Mapping[str, Any]:
         """The settings of size ``name``; ``KeyError`` listing the sizes if there is none."""

@@ -149,6 +149,9 @@ def test_unknown_suite_is_refused(capsys):
         "specs",
         "specs.base",
         "specs.cfmvc",
+        "specs.sidechain",
+        "experiments",
+        "sidechain_per_atom",
     ],
 )
 def test_docstring_examples(module):
@@ -285,3 +288,6 @@ def test_specs_set_their_stability_epochs_seeds_and_speed_size():
     assert stability.batch_order(0, 5, 2, 3, n_epochs=2).shape == (6, 2)
     assert bench_models.speed_size(cfmvc) == "full"
     assert bench_models.speed_size(e3gnn) == "speed"
+    sidechain = specs.get("sidechain")
+    assert stability.epochs(sidechain) == 4 and stability.default_seeds(sidechain) == (0, 1, 2)
+    assert bench_models.speed_size(sidechain) == "speed"

@@ -13,6 +13,7 @@ import torch
 from flax import nnx
 
 from benchmarks import bench_models, convert, meta, specs, stability
+from benchmarks.specs.base import size_examples
 
 
 # ------------------------------------------------------------------ specs
@@ -25,7 +26,7 @@ def test_spec_builds_both_sides_at_its_small_size(name):
     size = spec.size("small")
     for preset in spec.presets:
         model, dataset = spec.build_jax("small", preset, 0)
-        assert len(dataset) == size.get("n_cells", size.get("n_molecules"))
+        assert len(dataset) == size_examples(size)
         torch_model = spec.build_torch("small", preset, 0)
         for group in stage.trainable or ():
             assert hasattr(model, group) and hasattr(torch_model, group)
@@ -228,3 +229,37 @@ def test_stability_jax_guard_survives_a_nan_batch():
     assert res["variants"]["jax_guard"]["nan_batch"]["survived"] == 1.0
     md = stability.to_markdown({"environment": meta.environment(), "models": {"cfmvc": res}})
     assert "## cfmvc, stage vae" in md
+
+
+# ------------------------------------------------------------------ side-chain spec
+def test_sidechain_spec_fixed_inputs_and_both_losses():
+    """The parity/eval inputs are fixed and the same on both sides; the PyTorch training
+    loss crops and designs at random; with one state dict both evaluation losses agree."""
+    from benchmarks.specs import sidechain as sc
+
+    spec = specs.get("sidechain")
+    config = spec.config("small")
+    a, b = spec.inputs("small", 0), spec.inputs("small", 1)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert a["aatype"].shape == (2, config.max_len)
+    assert 0 < a["design_mask"].sum() < a["design_mask"].size
+    train, held_out = stability.split(spec, 0)  # the faults size: 24 train, 8 validation
+    from jaxstab.models.sidechain import default_data
+
+    val = default_data("val").arrays
+    assert len(train["aatype"]) == 24
+    assert np.array_equal(held_out["atom14_pos"], np.asarray(val["atom14_pos"])[:8])
+    torch_model = spec.build_torch("small", "default", 0)
+    batch = {k: torch.as_tensor(v[:2]) for k, v in spec.data("small", 0).arrays.items()}
+    first, second = sc.torch_loss(torch_model, batch), sc.torch_loss(torch_model, batch)
+    first, second = float(first.detach()), float(second.detach())
+    assert np.isfinite(first) and first != second  # a new window and design mask
+    model, _ = spec.build_jax("small", "default", 0)
+    sc.parity_weights(torch_model, 0)
+    nnx.update(model, spec.convert(torch_model.state_dict(), model))
+    torch_model.eval()
+    model.eval()
+    held = {k: v[:2] for k, v in spec.data("small", 0).arrays.items()}
+    ours = float(sc.eval_loss_jax(model, {k: jnp.asarray(v) for k, v in held.items()}))
+    theirs = sc.eval_loss_torch(torch_model, {k: torch.as_tensor(v) for k, v in held.items()})
+    assert abs(ours - theirs) <= 1e-5 * abs(theirs) and theirs > 0
