@@ -219,37 +219,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs of an interrupted run (same settings)")  # fmt: skip
     args = parser.parse_args(argv)
-    import tempfile
-
     import jax
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"e3gnn_layernorm-{jax.devices()[0].platform}.json"
-    # Every finished run is kept in a partial file, so an interrupted benchmark loses at most
-    # the run in progress; --resume continues from it.
-    partial = path.with_suffix(".partial.json")
+    from benchmarks.experiments import PartialRuns, compile_cache
+
+    path = Path(args.out) / f"e3gnn_layernorm-{jax.devices()[0].platform}.json"
     settings = {"widths": args.widths, "molecules": args.molecules, "epochs": args.epochs}
-    done: dict[str, Any] = {}
-    if args.resume and partial.exists():
-        saved = json.loads(partial.read_text())
-        if saved.get("settings") == settings:
-            done = saved["runs"]
-        else:
-            print(f"{partial}: other settings {saved.get('settings')}; starting afresh")
+    store = PartialRuns(path, settings, resume=args.resume)
 
     def save(runs: dict[str, Any]) -> None:
-        tmp = partial.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": settings, "runs": runs}, indent=1) + "\n")
-        tmp.replace(partial)
+        for key, value in runs.items():
+            if key not in store:
+                store.add(key, value)
 
-    with tempfile.TemporaryDirectory() as cache:
-        jax.config.update("jax_compilation_cache_dir", cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    with compile_cache():
         result = run(args.widths, args.molecules, args.epochs, args.seeds,
-                     tuple(args.variant or VARIANTS), done, save)  # fmt: skip
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    partial.unlink(missing_ok=True)
+                     tuple(args.variant or VARIANTS), dict(store.runs), save)  # fmt: skip
+    store.finish(result)
     print(json.dumps(result["summary"], indent=2))
     return 0
 
