@@ -147,7 +147,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     for name, med in summary.items():
         y = np.asarray([med[k] for k in ATOMS])[order]
-        ax.plot(d, y, marker="o", label=name, lw=2.0 if name == "baseline" else 1.2)
+        ax.plot(d, y, marker="o", label=name, lw=3.0 if name == "baseline" else 1.2,
+                alpha=0.6 if name == "baseline" else 1.0)  # fmt: skip
+    ax.set_yscale("log")  # CB is ~0.1 Å², the last slots ~25
     ax.set_xlabel("typical distance of the atom14 slot from CA (Å)")
     ax.set_ylabel("validation MSE (Å², median over seeds)")
     ax.set_title("Side-chain atom error by distance from the backbone")

@@ -291,3 +291,22 @@ def test_specs_set_their_stability_epochs_seeds_and_speed_size():
     sidechain = specs.get("sidechain")
     assert stability.epochs(sidechain) == 4 and stability.default_seeds(sidechain) == (0, 1, 2)
     assert bench_models.speed_size(sidechain) == "speed"
+
+
+def test_per_atom_study_summary_takes_medians_and_ratios_to_the_baseline():
+    from benchmarks import sidechain_per_atom as pa
+
+    def run(scale, status="ok"):
+        row = {k: scale * (i + 1) for i, k in enumerate(pa.ATOMS)}
+        row.update(mean_atom_mse=scale, seq_recovery=0.1, loss=1.0, final_train_loss=2.0,
+                   status=status)  # fmt: skip
+        return row
+
+    runs = {"baseline/seed=0": run(1.0), "baseline/seed=1": run(3.0), "baseline/seed=2": run(2.0),
+            "exp/seed=0": run(4.0, "nonfinite")}  # fmt: skip
+    out = pa.summarize(runs, ["baseline", "exp", "linear"])
+    assert set(out) == {"baseline", "exp"} and out["baseline"]["runs"] == 3
+    assert out["baseline"]["atom04_mse"] == 2.0 and out["baseline"]["atom13_mse"] == 20.0
+    assert out["exp"]["distal_vs_baseline"] == 2.0 and out["exp"]["nonfinite_runs"] == 1
+    assert out["baseline"]["near_mse"] == 4.0  # mean of 2, 4, 6
+    assert set(pa.variants("deviations")) >= {"baseline", "original", "backbone_graph"}
