@@ -182,12 +182,14 @@ class SideChainTorch(nn.Module):
         des = designed.to(dtype)
         edge_mask = mask[:, :, None] * mask[:, None, :]
         start, stop = SIDECHAIN_ATOMS
-        if c.relpos == "residue_index":
-            index = batch["residue_index"].long()
-        else:
+        index = node_index = batch["residue_index"].long()
+        if c.relpos == "arange":
             index = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape)
+            big = torch.full_like(node_index, torch.iinfo(node_index.dtype).max)
+            first = torch.where(res, node_index, big).min(dim=1).values
+            node_index = node_index - first[:, None] + 1
 
-        node = self.node_feature_net(index, mask, des)
+        node = self.node_feature_net(node_index, mask, des)
         sc_mask = (batch["atom14_mask"] > 0) & (res & ~designed)[..., None]
         sc_mask = sc_mask[..., start:stop].to(dtype)
         bb_frames = rigid.expand()

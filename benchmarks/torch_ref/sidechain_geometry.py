@@ -284,7 +284,8 @@ class OffsetGaussian(NamedTuple):
         local_mean = rigid.invert_apply(centroid)
         centred = Rigid(rigid.rotation, centroid).expand().invert_apply(pos)
         centred = torch.where(keep[..., None], centred, torch.zeros_like(centred))
-        std = torch.sqrt(torch.clamp(torch.sum(centred * centred, dim=-2) / denom, min=0))
+        var = torch.sum(centred * centred, dim=-2) / denom
+        std = torch.sqrt(var + 1e-8) if atoms == "all" else torch.sqrt(torch.clamp(var, min=0))
         thick_designed, thick_context = base_thickness
         thickness = torch.where(designed, thick_designed, thick_context)[..., None]
         return cls(rigid, local_mean, torch.log(std + thickness + 1e-6))

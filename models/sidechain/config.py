@@ -70,9 +70,10 @@ TYPICAL_CA_DISTANCE: tuple[float, ...] = (
 # "all" all 14 atoms, of which a designed residue keeps N, CA, C (the original's forward,
 # ``from_rigid_and_all_atoms``).
 GAUSSIAN_ATOMS: tuple[str, ...] = ("sidechain", "all")
-# Relative-position edge feature: "residue_index" (differences of ``batch["residue_index"]``,
-# so a crop or a chain break is seen) or "arange" (slot differences, the original's
-# ``EdgeFeatureNet.embed_relpos(torch.arange(num_res))``).
+# Residue positions: "residue_index" (node index embedding and edge relative positions from
+# ``batch["residue_index"]``, so a crop or a chain break is seen) or "arange" (the original:
+# edges from slot differences, ``EdgeFeatureNet.embed_relpos(torch.arange(num_res))``; nodes
+# from the residue numbers renumbered from 1, its ``res_idx``).
 RELPOS: tuple[str, ...] = ("residue_index", "arange")
 LOG_SCALE_CLIPS: tuple[str, ...] = ("hard", "soft")
 # Backbone features (``feature_graph``): "frame" the N, C, O atoms in the residue's frame and

@@ -92,7 +92,8 @@ class OffsetGaussianRigid(NamedTuple):
         kept atoms of ``ATOM_SETS[atoms]`` (present and not designed): centroid
         ``c = Σ m x / Σ m`` (CA, i.e. ``rigid.translation``, when ``Σ m = 0``);
         ``local_mean = Rᵀ (c − t)``; ``std_k = sqrt(Σ m ((Rᵀ (x − c))_k)² / Σ m)`` per local
-        axis ``k`` (0 when nothing is kept); ``scaling_log = log(std + thickness + 1e-6)``.
+        axis ``k`` (0 when nothing is kept; ``+ 1e-8`` under the root for ``atoms="all"``, as
+        the original's all-atom Gaussian); ``scaling_log = log(std + thickness + 1e-6)``.
         The original divides by ``Σ m + 1e-6``; here the division is exact, so the centroid
         of a translated side chain is exactly translated. Masked positions may hold any
         value (NaN included); gradients are finite for one atom or none (``safe_sqrt``).
@@ -120,7 +121,9 @@ class OffsetGaussianRigid(NamedTuple):
         local_mean = rigid.invert_apply(centroid)
         centred = Rigid(rigid.rotation, centroid).expand().invert_apply(pos)
         centred = jnp.where(keep[..., None], centred, 0)
-        std = safe_sqrt(jnp.sum(centred * centred, axis=-2) / denom)
+        var = jnp.sum(centred * centred, axis=-2) / denom
+        # The original's all-atom Gaussian takes sqrt(var + 1e-8); its side-chain one sqrt(var).
+        std = jnp.sqrt(var + 1e-8) if atoms == "all" else safe_sqrt(var)
         thick_designed, thick_context = base_thickness
         thickness = jnp.where(designed, thick_designed, thick_context)[..., None]
         return cls(rigid, local_mean, jnp.log(std + thickness + 1e-6))

@@ -165,13 +165,15 @@ class SideChainModel(nnx.Module):
         des = designed.astype(dtype)
         edge_mask = mask[:, :, None] * mask[:, None, :]
         start, stop = SIDECHAIN_ATOMS
-        if c.relpos == "residue_index":
-            index = jnp.asarray(batch["residue_index"])
-        else:
+        index = node_index = jnp.asarray(batch["residue_index"])
+        if c.relpos == "arange":
+            # The original: slot offsets for the edges, residue numbers from 1 for the nodes.
             index = jnp.broadcast_to(jnp.arange(mask.shape[1]), mask.shape)
+            first = jnp.min(jnp.where(res, node_index, jnp.iinfo(node_index.dtype).max), axis=1)
+            node_index = node_index - first[:, None] + 1
 
         # ---------------------------------------------------------------- features
-        node = self.node_feature_net(index, mask, des)
+        node = self.node_feature_net(node_index, mask, des)
         sc_mask = (jnp.asarray(batch["atom14_mask"]) > 0) & (res & ~designed)[..., None]
         sc_mask = sc_mask[..., start:stop].astype(dtype)
         bb_frames = rigid.expand()

@@ -53,7 +53,7 @@ def _chroma_frame(n_at, ca, c_at):
     return np.stack([n1, n2, n3], axis=-1), ca
 
 
-def _original_gaussian(rot, trans, pos, mask, thickness, count_eps=0.0):
+def _original_gaussian(rot, trans, pos, mask, thickness, count_eps=0.0, var_eps=0.0):
     # The original's from_rigid_and_sidechain (data/GaussianRigid.py:369-413) in float64; it
     # divides by ``count + 1e-6`` (count_eps=1e-6), the port by the exact count.
     m = mask[..., None]
@@ -63,7 +63,7 @@ def _original_gaussian(rot, trans, pos, mask, thickness, count_eps=0.0):
     local_mean = np.einsum("nji,nj->ni", rot, centroid - trans)
     centred = np.einsum("nji,naj->nai", rot, pos - centroid[:, None]) * m
     var = (centred**2).sum(-2) / denom
-    return local_mean, np.log(np.sqrt(var) + thickness + 1e-6)
+    return local_mean, np.log(np.sqrt(var + var_eps) + thickness + 1e-6)
 
 
 def _random_rigid(seed: int, n: int = N_RES):
@@ -207,11 +207,15 @@ def test_gaussian_matches_the_originals_formula(atoms, start):
     if atoms == "all":
         keep[:, :3] = mask[:, :3]
     thickness = np.where(designed, 2.5, 0.5)[:, None]
-    ref_mean, ref_log = _original_gaussian(rot, pos[:, 1], pos[:, start:], keep, thickness)
+    # The original's all-atom Gaussian (data/GaussianRigid.py:522) takes sqrt(var + 1e-8).
+    var_eps = 1e-8 if atoms == "all" else 0.0
+    ref_mean, ref_log = _original_gaussian(rot, pos[:, 1], pos[:, start:], keep, thickness,
+                                           var_eps=var_eps)  # fmt: skip
     np.testing.assert_allclose(np.asarray(g.local_mean), ref_mean, atol=5e-5)
     np.testing.assert_allclose(np.asarray(g.scaling_log), ref_log, atol=2e-5)
     # The original's ``count + 1e-6`` shifts the centroid by ~1e-6 of the coordinates.
-    orig_mean, orig_log = _original_gaussian(rot, pos[:, 1], pos[:, start:], keep, thickness, 1e-6)
+    orig_mean, orig_log = _original_gaussian(rot, pos[:, 1], pos[:, start:], keep, thickness, 1e-6,
+                                             var_eps)  # fmt: skip
     np.testing.assert_allclose(np.asarray(g.local_mean), orig_mean, atol=2e-4)
     np.testing.assert_allclose(np.asarray(g.scaling_log), orig_log, atol=2e-4)
     if atoms == "sidechain":
