@@ -15,7 +15,7 @@ rest is the spec's own.
 
 Example:
   >>> spec = ModelSpec(name="m", entry="m", sizes={"small": {"batch_size": 4}}, stage="all",
-  ...                  data=print, build_jax=print, build_torch=print, name_map=str,
+  ...                  data=print, build_torch=print, name_map=str,
   ...                  inputs=print, outputs_jax=print, outputs_torch=print,
   ...                  train_torch=print, torch_loss=print, eval_loss_jax=print,
   ...                  eval_loss_torch=print)
@@ -37,6 +37,17 @@ if TYPE_CHECKING:
     from flax import nnx
 
     from jaxstab.plugin import ModelEntry
+
+
+def as_numpy(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A batch of tensors (or arrays) as NumPy arrays, for the specs' PyTorch losses.
+
+    >>> as_numpy({"x": [1, 2]})["x"].tolist()
+    [1, 2]
+    """
+    import numpy as np
+
+    return {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in batch.items()}
 
 
 def size_examples(settings: Mapping[str, Any]) -> int | None:
@@ -67,8 +78,9 @@ class ModelSpec:
         ``"default"``, ``name-<preset>`` for the others).
       stage: the ``ModelEntry`` stage that the speed and stability suites train.
       data: ``(size, seed) -> Dataset``, the training data at that size.
-      build_jax: ``(size, preset, seed) -> (model, dataset)``, the port on ``data(size,
-        seed)`` with the preset's config (see :meth:`config`), ``nnx.Rngs(seed)``.
+      jax_builder: ``(size, preset, seed) -> (model, dataset)`` for a port that its
+        ``ModelEntry`` cannot build alone; ``None`` (the usual case): :meth:`build_jax`'s
+        default.
       build_torch: ``(size, preset, seed, **config_changes) -> torch.nn.Module``, the PyTorch
         version at the same sizes and config (``torch.manual_seed(seed)`` first), with the
         same top-level groups as the port (``model.encoder`` ...).
@@ -104,7 +116,6 @@ class ModelSpec:
     presets: tuple[str, ...] = ("default",)
     stage: str
     data: Callable[..., Any]
-    build_jax: Callable[..., Any]
     build_torch: Callable[..., Any]
     name_map: Callable[[tuple], str]
     inputs: Callable[..., Any]
@@ -118,6 +129,7 @@ class ModelSpec:
     optional_keys: Callable[[str], bool] | None = None
     parity_weights: Callable[[Any, int], None] | None = None
     zero_gradients: tuple[str, ...] = ()
+    jax_builder: Callable[..., Any] | None = None
 
     def size(self, name: str) -> Mapping[str, Any]:
         """The settings of size ``name``; ``KeyError`` listing the sizes if there is none."""
@@ -125,6 +137,17 @@ class ModelSpec:
             known = ", ".join(self.sizes)
             raise KeyError(f"model {self.name!r} has no size {name!r}; sizes: {known}")
         return self.sizes[name]
+
+    def build_jax(self, size: str, preset: str, seed: int) -> tuple[nnx.Module, Any]:
+        """The port on ``data(size, seed)``, built by its ``ModelEntry`` with the preset's
+        config (:meth:`config`) and ``nnx.Rngs(seed)``: ``(model, dataset)``."""
+        if self.jax_builder is not None:
+            return self.jax_builder(size, preset, seed)
+        from flax import nnx
+
+        dataset = self.data(size, seed)
+        model = self.model_entry().build_model(dataset, self.config(size, preset), nnx.Rngs(seed))
+        return model, dataset
 
     def model_entry(self) -> ModelEntry:
         """The port's ``ModelEntry`` (``jaxstab.registry.get(entry)``)."""

@@ -57,15 +57,6 @@ def data(size: str, seed: int) -> Any:
     return _simulated(size, SPEC.size(size)["n_cells"], seed)
 
 
-def build_jax(size: str, preset: str, seed: int) -> tuple[Any, Any]:
-    """The port on :func:`data`, built by its ``ModelEntry`` with the preset's config."""
-    from flax import nnx
-
-    dataset = data(size, seed)
-    model = SPEC.model_entry().build_model(dataset, SPEC.config(size, preset), nnx.Rngs(seed))
-    return model, dataset
-
-
 def build_torch(size: str, preset: str, seed: int, **changes: Any) -> Any:
     """``benchmarks.torch_ref.cfmvc.CFMVCModel`` at the same sizes and config."""
     import torch
@@ -225,7 +216,6 @@ SPEC = ModelSpec(
     presets=("default", "original"),
     stage="vae",
     data=data,
-    build_jax=build_jax,
     build_torch=build_torch,
     name_map=name_map,
     inputs=inputs,

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.specs.base import ModelSpec
+from benchmarks.specs.base import ModelSpec, as_numpy
 
 _SMALL = {"num_layers": 2, "hidden_irreps": "8x0e+4x1o+2x2e", "embed_hidden": 16,
           "num_radial": 4, "radial_hidden": 16, "branch_hidden": 16,
@@ -98,15 +98,6 @@ def data(size: str, seed: int) -> Any:
     return Dataset({k: v[:n] for k, v in full.arrays.items()}, dict(full.meta))
 
 
-def build_jax(size: str, preset: str, seed: int) -> tuple[Any, Any]:
-    """The port on :func:`data`, built by its ``ModelEntry`` with the preset's config."""
-    from flax import nnx
-
-    dataset = data(size, seed)
-    model = SPEC.model_entry().build_model(dataset, SPEC.config(size, preset), nnx.Rngs(seed))
-    return model, dataset
-
-
 def build_torch(size: str, preset: str, seed: int, **changes: Any) -> Any:
     """``benchmarks.torch_ref.e3gnn.E3GNNTorch`` at the same sizes and config."""
     import torch
@@ -170,17 +161,13 @@ def train_torch(
                  clip=c.grad_clip)  # fmt: skip
 
 
-def _numpy(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    return {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in batch.items()}
-
-
 def torch_loss(model: Any, batch: Mapping[str, Any]) -> Any:
     """The training loss (``config.loss``) on a batch of padded tensors."""
     import torch
 
     from benchmarks.torch_ref.e3gnn import batch_to_graph, loss
 
-    arrays = _numpy(batch)
+    arrays = as_numpy(batch)
     return loss(model, batch_to_graph(arrays), torch.as_tensor(arrays["target"]))
 
 
@@ -197,7 +184,7 @@ def eval_loss_torch(model: Any, held: Mapping[str, Any]) -> float:
 
     from benchmarks.torch_ref.e3gnn import batch_to_graph, cosine_loss
 
-    arrays = _numpy(held)
+    arrays = as_numpy(held)
     with torch.no_grad():
         return float(cosine_loss(model(batch_to_graph(arrays)), torch.as_tensor(arrays["target"])))
 
@@ -209,7 +196,6 @@ SPEC = ModelSpec(
     presets=("default", "original"),
     stage="all",
     data=data,
-    build_jax=build_jax,
     build_torch=build_torch,
     name_map=name_map,
     inputs=inputs,

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.specs.base import ModelSpec
+from benchmarks.specs.base import ModelSpec, as_numpy
 from benchmarks.specs.sidechain_names import name_map, optional_keys
 
 _SMALL = {"c_s": 32, "c_z": 16, "n_blocks": 2, "n_heads": 4, "c_hidden": 8,
@@ -109,15 +109,6 @@ def parity_weights(model: Any, seed: int) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(PARITY_NOISE * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-
-
-def build_jax(size: str, preset: str, seed: int) -> tuple[Any, Any]:
-    """The port on :func:`data`, built by its ``ModelEntry`` with the preset's config."""
-    from flax import nnx
-
-    dataset = data(size, seed)
-    model = SPEC.model_entry().build_model(dataset, SPEC.config(size, preset), nnx.Rngs(seed))
-    return model, dataset
 
 
 def build_torch(size: str, preset: str, seed: int, **changes: Any) -> Any:
@@ -191,14 +182,11 @@ def torch_loss(model: Any, batch: Mapping[str, Any]) -> Any:
     import torch
 
     from benchmarks.torch_ref.sidechain import loss_terms
-    from benchmarks.torch_ref.sidechain_data import batch_to_tensors, crop_arrays, design_mask
+    from benchmarks.torch_ref.sidechain_data import batch_to_tensors, design_mask, random_crop
 
     c = model.config
-    arrays = {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in batch.items()}
-    if arrays["aatype"].shape[1] > c.max_len:
-        room = np.maximum(arrays["chain_length"] - c.max_len, 0) + 1
-        starts = (torch.rand(len(room)).numpy() * room).astype(int)
-        arrays = crop_arrays(arrays, np.minimum(starts, room - 1), c.max_len)
+    arrays = as_numpy(batch)
+    arrays = random_crop(arrays, c.max_len)
     tensors = batch_to_tensors(arrays, next(model.parameters()).dtype)
     gen = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, ())))
     tensors["design_mask"] = design_mask(tensors["residue_mask"], c.mask_min, c.mask_max, gen)
@@ -221,7 +209,7 @@ def eval_loss_torch(model: Any, held: Mapping[str, Any]) -> float:
     from benchmarks.torch_ref.sidechain import loss_terms
     from benchmarks.torch_ref.sidechain_data import batch_to_tensors
 
-    arrays = {k: v.numpy() if hasattr(v, "numpy") else np.asarray(v) for k, v in held.items()}
+    arrays = as_numpy(held)
     batch = batch_to_tensors(fixed_batch(arrays, model.config), next(model.parameters()).dtype)
     with torch.no_grad():
         return float(loss_terms(model(batch), batch, model.config)[0])
@@ -234,7 +222,6 @@ SPEC = ModelSpec(
     presets=("default", "original"),
     stage="all",
     data=data,
-    build_jax=build_jax,
     build_torch=build_torch,
     name_map=name_map,
     inputs=inputs,

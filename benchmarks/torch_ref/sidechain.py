@@ -50,6 +50,7 @@ from benchmarks.torch_ref.sidechain_data import (
     batch_to_tensors,
     crop_arrays,
     design_mask,
+    random_crop,
     toy_arrays,
 )
 from benchmarks.torch_ref.sidechain_geometry import (
@@ -428,9 +429,7 @@ def train(
             if part["aatype"].shape[1] > max_len:
                 if "esm_pair" in part:
                     raise ValueError("arrays wider than max_len hold esm_pair: crop them first")
-                room = np.maximum(part["chain_length"] - max_len, 0) + 1
-                starts = (torch.rand(len(idx), generator=gen).numpy() * room).astype(int)
-                part = crop_arrays(part, np.minimum(starts, room - 1), max_len)
+                part = random_crop(part, max_len, gen)
             batch = batch_to_tensors(part, dtype, device)
             if "design_mask" not in batch:
                 mask = design_mask(batch["residue_mask"].cpu(), c.mask_min, c.mask_max, gen)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["batch_to_tensors", "crop_arrays", "design_mask", "toy_arrays"]
+__all__ = ["batch_to_tensors", "crop_arrays", "design_mask", "random_crop", "toy_arrays"]
 
 _INT_FIELDS = ("aatype", "residue_index", "chain_length")
 
@@ -102,6 +102,24 @@ def crop_arrays(
         else:
             out[name] = value
     return out
+
+
+def random_crop(
+    arrays: Mapping[str, np.ndarray], max_len: int, generator: torch.Generator | None = None
+) -> dict[str, np.ndarray]:
+    """A random window of ``max_len`` residues of every example (:func:`crop_arrays`), its
+    start uniform over the chain's room, drawn from ``generator`` (default: PyTorch's global
+    one); ``arrays`` unchanged when they are no wider than ``max_len``.
+
+    >>> a = {"aatype": np.arange(10)[None], "chain_length": np.array([10])}
+    >>> random_crop(a, 4, torch.Generator().manual_seed(0))["aatype"].shape
+    (1, 4)
+    """
+    if np.shape(arrays["aatype"])[1] <= max_len:
+        return dict(arrays)
+    room = np.maximum(np.asarray(arrays["chain_length"]) - max_len, 0) + 1
+    starts = (torch.rand(len(room), generator=generator).numpy() * room).astype(int)
+    return crop_arrays(arrays, np.minimum(starts, room - 1), max_len)
 
 
 def design_mask(
