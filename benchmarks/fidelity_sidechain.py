@@ -11,10 +11,11 @@ module of the original is removed from ``sys.modules`` afterwards. Nothing of th
 contained here; the commit run is recorded (``git rev-parse HEAD``, or the first line of
 ``PATH/COMMIT`` for an extracted copy).
 
-What a user must install to run it (not project dependencies): PyTorch, ``dm-tree``,
-``biopython``, ``plyfile``, ``einops``, ``fair-esm``, ``scikit-learn``, ``deepspeed``,
-``omegaconf`` (PyPI names). Three imports of the original cannot be satisfied here and get
-stand-ins that raise if anything of them is called (the model never calls them):
+What a user must install to run it besides the project's ``bench`` extra (PyTorch and
+``omegaconf``, which reads the original's config): ``dm-tree``, ``biopython``, ``plyfile``,
+``einops``, ``fair-esm``, ``scikit-learn``, ``deepspeed`` (PyPI names). Three imports of the
+original cannot be satisfied here and get stand-ins that raise if anything of them is called
+(the model never calls them):
 ``torch_scatter`` (a compiled extension with no wheel for current PyTorch; used by
 ``data/utils.py`` helpers), ``nglview`` (a Jupyter widget; ``chroma/data/protein.py``) and
 ``esm.esmfold.v1.trunk`` (fair-esm 2.0.0's module fails at import on Python >= 3.11, a dataclass

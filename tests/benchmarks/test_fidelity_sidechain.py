@@ -371,7 +371,6 @@ def test_stand_in_modules_raise_when_used():
 
 
 def test_original_model_config_maps_the_widths(tmp_path):
-    pytest.importorskip("omegaconf")
     yaml = tmp_path / "SH.yaml"
     yaml.write_text(
         textwrap.dedent("""\
