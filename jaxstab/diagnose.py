@@ -218,7 +218,7 @@ def _train(
         model = build_model(job)
     stage = job.entry.stage(cfg.get("stage"))
     loss_fn = stage.loss_fn or job.entry.loss_fn
-    train_data, eval_data = split_eval(job.dataset, int(cfg["seed"]))
+    train_data, eval_data = split_eval(stage.data(model, job.dataset), int(cfg["seed"]))
     batch_size = int(cfg["batch_size"])
     if stage.trainable is not None and stage.check_flow:  # gradient must reach what trains
         key = jax.random.key(int(cfg["seed"]))

@@ -109,6 +109,10 @@ class Stage:
     its loss gives every trainable group finite non-zero gradient and every frozen group none
     (its loss must not reach them, e.g. through ``stop_gradient``); ``check_flow=False``
     allows a frozen group to receive gradient (fine-tuning a head on a frozen body).
+    ``prepare(model, dataset) -> Dataset``, when given, builds the stage's training data from
+    the model as the earlier stages left it (GenoFlow's flow stage trains on cells paired
+    across time points by optimal transport on its encoder's latents); it runs once, before
+    the gradient check, and its arrays are what ``loss_fn`` and ``feature_stats`` receive.
 
     >>> Stage(name="vae", trainable=("encoder", "decoder")).trainable
     ('encoder', 'decoder')
@@ -118,6 +122,23 @@ class Stage:
     trainable: tuple[str, ...] | None = None
     loss_fn: LossFn | None = None
     check_flow: bool = True
+    prepare: Callable[[nnx.Module, Dataset], Dataset] | None = None
+
+    def data(self, model: nnx.Module, dataset: Dataset | Mapping[str, Any]) -> Dataset:
+        """The stage's training data: ``prepare(model, dataset)``, or ``dataset`` itself.
+
+        >>> import numpy as np
+        >>> len(Stage(name="all").data(None, {"x": np.zeros((3, 1))}))
+        3
+        """
+        if not isinstance(dataset, Dataset):
+            dataset = Dataset(dict(dataset))
+        if self.prepare is None:
+            return dataset
+        out = self.prepare(model, dataset)
+        if not isinstance(out, Dataset):
+            raise TypeError(f"stage {self.name!r}: prepare must return a Dataset")
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

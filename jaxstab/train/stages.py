@@ -149,7 +149,7 @@ def run_stage(
     ``result.fit.model`` is the trained model.
     """
     loss = stage.loss_fn or loss_fn
-    arrays = data.arrays if isinstance(data, Dataset) else data
+    arrays = stage.data(model, data).arrays
     k_check, k_fit = jax.random.split(key)
     report = gate_gradient_flow(model, stage, loss, arrays, batch_size, k_check)
     tx = stage_optimizer(inner, stage.trainable, guard=guard, clip=clip)

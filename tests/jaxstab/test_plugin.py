@@ -175,3 +175,25 @@ def test_a_stage_whose_frozen_group_gets_gradient_is_refused_before_training(tmp
     assert report["status"] == "ok"
     moved = {row["param"] for row in report["weight_changes"] if row["abs_change"] > 0}
     assert moved == {"head/kernel", "head/bias"}  # the frozen body did not move
+
+
+def test_a_stage_trains_on_the_data_its_prepare_builds_from_the_model(tmp_path):
+    from jaxstab.train import batching
+
+    ns = _user_module()
+    seen = []
+
+    def first_32(model, dataset):
+        seen.append(type(model).__name__)
+        return jaxstab.Dataset({k: v[:32] for k, v in dataset.arrays.items()}, dataset.meta)
+
+    stage = jaxstab.Stage(name="part", prepare=first_32)
+    entry = _four_field_entry(config=ns["Config"].small(), stages=(stage,))
+    job = diag.prepare(entry, None, str(tmp_path / "run"), {"epochs": 1, "batch_size": 8})
+    assert len(job.dataset) > 50
+    report = diag.diagnose(job, progress=False)
+    assert seen and seen[0] != "NoneType"
+    assert report["steps_applied"] == batching.steps_per_epoch(32, 8)  # 32 < 50: no eval split
+    bad = jaxstab.Stage(name="bad", prepare=lambda model, dataset: dict(dataset.arrays))
+    with pytest.raises(TypeError, match="stage 'bad': prepare must return a Dataset"):
+        bad.data(None, job.dataset)
