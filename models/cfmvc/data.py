@@ -34,18 +34,25 @@ Example:
 
 from __future__ import annotations
 
-import numbers
 import os
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
+from jaxstab.models import single_cell
+from jaxstab.models.single_cell import TRAIN_DTYPE as TRAIN_DTYPE  # re-exported
+from jaxstab.models.single_cell import as_anndata as _as_anndata
+from jaxstab.models.single_cell import cell_name as _cell
+from jaxstab.models.single_cell import counts_source as _counts_source
+from jaxstab.models.single_cell import first_bad_row_dense as _first_bad_row_dense
+from jaxstab.models.single_cell import is_number as _is_number
+from jaxstab.models.single_cell import listing as _listing
+from jaxstab.models.single_cell import require_real as _require_real
+from jaxstab.models.single_cell import to_train_dtype as _to_train_dtype
 from jaxstab.plugin import Dataset
 
 # Labels recognised as the unperturbed condition when ``control="auto"``. A label matches when
@@ -67,10 +74,8 @@ CONTROL_LABELS: tuple[str, ...] = (
     "DMSO",
 )
 OBS_KEYS: tuple[str, ...] = ("perturbation", "batch", "cell_type")
-# The dtype the model trains in: counts and coordinates are checked after the cast to it.
-TRAIN_DTYPE = np.float32
 # Dense counts are checked this many values at a time (bounded temporary memory).
-_CHUNK = 1 << 22
+_CHUNK = single_cell.CHUNK
 
 
 def simulate(
@@ -161,142 +166,9 @@ def simulate(
     return adata
 
 
-def _cell(adata: ad.AnnData, i: int) -> str:
-    return f"cell {i} ({adata.obs_names[i]!r})"
-
-
-def _listing(names: Sequence[str], limit: int = 10) -> str:
-    shown = ", ".join(names[:limit])
-    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all)"
-
-
-def _read_h5ad(path: str | os.PathLike[str]) -> ad.AnnData:
-    """Reads an ``.h5ad`` file; every failure is one error that names the file."""
-    name = os.fspath(path)
-    if not os.path.exists(name):
-        raise FileNotFoundError(f"file {name!r} does not exist")
-    if os.path.isdir(name):
-        raise ValueError(f"{name!r} is a directory, not an .h5ad file")
-    if not os.access(name, os.R_OK):
-        raise PermissionError(f"file {name!r} is not readable (permission denied)")
-    if os.path.getsize(name) == 0:
-        raise ValueError(f"file {name!r} is empty (0 bytes); expected an .h5ad file")
-    if not h5py.is_hdf5(name):
-        raise ValueError(f"file {name!r} is not an HDF5 file; expected an .h5ad file")
-    try:
-        return ad.read_h5ad(name)
-    except MemoryError:
-        raise
-    except Exception as e:  # h5py and anndata raise OSError, KeyError, TypeError, ...
-        lines = str(e).strip().splitlines()
-        reason = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-        raise ValueError(f"file {name!r} is not a readable .h5ad file ({reason})") from e
-
-
-def _first_bad_row_dense(bad: np.ndarray) -> tuple[int, int] | None:
-    rows = bad.any(axis=1)
-    if not rows.any():
-        return None
-    i = int(np.argmax(rows))
-    return i, int(np.argmax(bad[i]))
-
-
-def _require_real(field: str, dtype: np.dtype) -> None:
-    if not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
-        raise TypeError(f"{field} must hold real numbers, got dtype {dtype}")
-
-
-def _to_train_dtype(values: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is reported later
-        return values.astype(TRAIN_DTYPE)
-
-
-def _first_bad_count(values: np.ndarray, cast: np.ndarray) -> int | None:
-    """Flat index of the first value that is not a non-negative integer, finite in float32."""
-    with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(cast) | (values < 0)
-        if np.issubdtype(values.dtype, np.floating):
-            bad |= values != np.floor(values)
-    flat = bad.reshape(-1)
-    return int(np.argmax(flat)) if flat.any() else None
-
-
-def _describe(value: Any, cast: Any) -> tuple[str, str]:
-    """What is wrong with a bad count, and its value (and float32 value)."""
-    if not np.isfinite(value):
-        return "a non-finite value", f"value {value}"
-    if value < 0:
-        return "a negative value", f"value {value}"
-    if not np.isfinite(cast):
-        return "a value too large for float32", f"value {value}, {cast} in float32"
-    return "a non-integer value", f"value {value}"
-
-
-def _bad_count(adata: ad.AnnData, field: str, i: int, j: int, value: Any, cast: Any) -> ValueError:
-    what, detail = _describe(value, cast)
-    return ValueError(
-        f"{field} has {what} at {_cell(adata, i)}, gene {j} ({adata.var_names[j]!r}): "
-        f"{detail}; counts must be non-negative integers, finite in float32"
-    )
-
-
-def _counts_source(adata: ad.AnnData, counts_key: str | None) -> tuple[Any, str]:
-    if counts_key is None:
-        if adata.X is None:
-            raise ValueError("X is missing (counts_key=None reads the counts from X)")
-        return adata.X, "X"
-    field = f"layers[{counts_key!r}]"
-    if counts_key not in adata.layers:
-        hint = "; counts_key=None reads X" if adata.X is not None else ""
-        raise ValueError(f"{field} is missing; layers present: {list(adata.layers.keys())}{hint}")
-    return adata.layers[counts_key], field
-
-
 def _check_counts(adata: ad.AnnData, counts: Any, field: str) -> np.ndarray:
-    """The counts as a dense float32 array, after checking every value in that dtype.
-
-    Dense, CSR and CSC input take the same path: a sparse matrix is first made canonical on a
-    private copy (duplicate entries summed in at least float64, indices sorted), so a cell's
-    value is checked as the model will see it. The caller's matrix is left untouched.
-    """
-    shape = tuple(np.shape(counts))
-    if shape != (adata.n_obs, adata.n_vars):
-        raise ValueError(f"{field} has shape {shape} but the AnnData is {adata.shape}")
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        raise ValueError(f"{field} is empty (shape {shape})")
-    n_genes = adata.n_vars
-    if sp.issparse(counts):
-        _require_real(field, counts.dtype)
-        csr = sp.csr_matrix(counts.copy())
-        csr = csr.astype(np.result_type(csr.dtype, np.float64), copy=False)
-        csr.sum_duplicates()
-        data = _to_train_dtype(csr.data)
-        k = _first_bad_count(csr.data, data)
-        if k is not None:  # canonical CSR is row-major: the first hit is in the first bad row
-            i = int(np.searchsorted(csr.indptr, k, side="right") - 1)
-            raise _bad_count(adata, field, i, int(csr.indices[k]), csr.data[k], data[k])
-        x = sp.csr_matrix((data, csr.indices, csr.indptr), shape=shape).toarray()
-    else:
-        values = np.asarray(counts)
-        _require_real(field, values.dtype)
-        x = np.empty(shape, TRAIN_DTYPE)
-        step = max(1, _CHUNK // n_genes)
-        for r0 in range(0, shape[0], step):
-            block = values[r0 : r0 + step]
-            x[r0 : r0 + step] = cast = _to_train_dtype(block)
-            k = _first_bad_count(block, cast)
-            if k is not None:
-                i, j = divmod(k, n_genes)
-                raise _bad_count(adata, field, r0 + i, j, block[i, j], cast[i, j])
-    with np.errstate(over="ignore"):
-        totals = x.sum(axis=1, dtype=TRAIN_DTYPE)
-    if not np.isfinite(totals).all():
-        i = int(np.argmax(~np.isfinite(totals)))
-        total = float(x[i].astype(np.float64).sum())
-        raise ValueError(
-            f"{field} has a total count too large for float32 ({total:g}) at {_cell(adata, i)}"
-        )
-    return x
+    """:func:`jaxstab.models.single_cell.check_counts`, dense input checked ``_CHUNK`` at a time."""
+    return single_cell.check_counts(adata, counts, field, chunk=_CHUNK)
 
 
 def _codes(adata: ad.AnnData, key: str) -> tuple[np.ndarray, list[str], list[Any]]:
@@ -319,10 +191,6 @@ def _codes(adata: ad.AnnData, key: str) -> tuple[np.ndarray, list[str], list[Any
     names = [str(names[o]) for o in order]
     codes = pd.Categorical(text, categories=names).codes.astype(np.int32)
     return codes, names, [raws[o] for o in order]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
 
 
 def _normalise(label: str) -> str:
@@ -437,12 +305,7 @@ def load_anndata(
       >>> data.meta["control"], data.meta["perturbations"], data.meta["warnings"]
       ('0', ['1', '2'], [])
     """
-    if isinstance(source, str | os.PathLike):
-        adata = _read_h5ad(source)
-    elif isinstance(source, ad.AnnData):
-        adata = source
-    else:
-        raise TypeError(f"source must be an AnnData or a path, got {type(source).__name__}")
+    adata = _as_anndata(source)
     counts, field = _counts_source(adata, counts_key)
     x = _check_counts(adata, counts, field)
     pert, pert_names, pert_raws = _codes(adata, "perturbation")
