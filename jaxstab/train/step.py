@@ -121,6 +121,11 @@ def make_step_fn(
         running = carry.halt == RUNNING
         apply = running & (halt == RUNNING)
         halt = jnp.where(running, halt, carry.halt)
+        stats = read_stats(new_opt_state) if read_stats is not None else {}
+        if S.SKIP_SKIPPED in stats:
+            # A step the guard skips leaves the model's other state (BatchNorm statistics) as
+            # it was too: the batch that made its gradient non-finite would poison them.
+            new_rest = _select(stats[S.SKIP_SKIPPED] > 0, carry.rest, new_rest)
         kept = _select(
             apply,
             (new_params, new_opt_state, new_rest),
@@ -130,7 +135,6 @@ def make_step_fn(
 
         out: dict[str, jax.Array] = {S.LOSS: loss}
         out.update({str(k): jnp.asarray(v) for k, v in aux.items()})
-        stats = read_stats(new_opt_state) if read_stats is not None else {}
         if record:
             out.update(stats)
         else:  # the progress bar still shows skips and clips when the chain keeps them

@@ -263,3 +263,35 @@ def test_bad_arguments(toy, data, kwargs, match):
             key=jax.random.key(0),
             **args,
         )
+
+
+class _NormedRegressor(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(3, 4, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.out = nnx.Linear(4, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(self.bn(self.lin(x)))
+
+
+def test_a_step_the_guard_skips_keeps_the_batch_statistics(data):
+    import jaxstab
+
+    data = {k: v.copy() for k, v in data.items()}
+    data["x"][3, 0] = np.nan
+
+    def loss_fn(m, batch, key):
+        return jnp.mean((m(batch["x"]) - batch["y"]) ** 2), {}
+
+    def run(tx):
+        res = fit(_NormedRegressor(nnx.Rngs(0)), tx, loss_fn, data, batch_size=8, epochs=2,
+                  key=jax.random.key(0), explosion_norm=None, halt_on_nonfinite=False)  # fmt: skip
+        stats = jax.tree.leaves(nnx.state(res.model, nnx.BatchStat))
+        return res, all(np.isfinite(np.asarray(s)).all() for s in stats)
+
+    guarded, finite = run(jaxstab.stability_guard(optax.adam(1e-2)))
+    assert guarded.status == "ok" and finite
+    assert all(np.isfinite(np.asarray(p)).all() for p in _params(guarded.model))
+    _, plain_finite = run(optax.adam(1e-2))  # no guard: the NaN batch reaches the statistics
+    assert not plain_finite
