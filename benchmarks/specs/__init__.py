@@ -7,23 +7,26 @@ models nor PyTorch (a spec's fields import what they need when called).
 
 Example:
   >>> names()
-  ['cfmvc', 'e3gnn', 'sidechain']
+  ['cfmvc', 'e3gnn', 'genoflow', 'sidechain']
   >>> get("cfmvc").entry
   'cfmvc'
-  >>> get("nosuch")
-  Traceback (most recent call last):
-  ...
-  benchmarks.specs.UnknownModel: unknown model 'nosuch'; known models: cfmvc, e3gnn, sidechain
+  >>> try:
+  ...     get("nosuch")
+  ... except UnknownModel as err:
+  ...     print(err)
+  unknown model 'nosuch'; known models: cfmvc, e3gnn, genoflow, sidechain
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from benchmarks.specs import cfmvc, e3gnn, sidechain
+from benchmarks.specs import cfmvc, e3gnn, genoflow, sidechain
 from benchmarks.specs.base import ModelSpec
 
-SPECS: dict[str, ModelSpec] = {spec.name: spec for spec in (cfmvc.SPEC, e3gnn.SPEC, sidechain.SPEC)}
+SPECS: dict[str, ModelSpec] = {
+    spec.name: spec for spec in (cfmvc.SPEC, e3gnn.SPEC, genoflow.SPEC, sidechain.SPEC)
+}
 
 
 class UnknownModel(KeyError):

@@ -149,6 +149,7 @@ def test_unknown_suite_is_refused(capsys):
         "specs",
         "specs.base",
         "specs.cfmvc",
+        "specs.genoflow",
         "specs.sidechain",
         "experiments",
         "sidechain_per_atom",
