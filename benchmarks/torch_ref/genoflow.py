@@ -422,7 +422,8 @@ class GenoFlowModel(nn.Module):
         z = mu + eps * torch.exp(0.5 * logvar)
         mean, theta = self.decoder(z, condition, library)
         theta = torch.clamp(theta, *c.theta_bounds)
-        recon = -nb_log_likelihood(x, mean, theta[None], c.nb).mean()
+        ll = nb_log_likelihood(x, mean, theta[None], c.nb)
+        recon = -(ll.sum(-1) if c.recon == "gene_sum" else ll).mean()
         if c.nb == "original":
             recon = _finite_or_zero(recon)
         kl = kl_divergence(mu, logvar, c.kl)

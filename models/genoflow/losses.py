@@ -94,7 +94,10 @@ def vae_terms(
     z = mu + eps * jnp.exp(0.5 * logvar)
     mean, theta = model.decoder(z, cond, lib)
     theta = jnp.clip(theta, *c.theta_bounds)
-    recon = -jnp.mean(nb_log_likelihood(x, mean, theta[None], c.nb))
+    ll = nb_log_likelihood(x, mean, theta[None], c.nb)
+    recon = -jnp.mean(jnp.sum(ll, axis=-1) if c.recon == "gene_sum" else ll)
+    if c.nb == "original":
+        recon = _finite_or_zero(recon)
     if c.kl == "safe":
         kl = jnp.mean(jn.gaussian_kl(mu, logvar, axis=-1))
     else:
