@@ -46,9 +46,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+import jaxstab
 from benchmarks import specs
 from benchmarks.meta import describe, environment
 from benchmarks.specs.base import size_examples
+from jaxstab import stat_names as S
 
 SIZE = "faults"
 EPOCHS = 8
@@ -138,19 +140,20 @@ def _jax_runner(spec: specs.ModelSpec, tx: optax.GradientTransformation, graphde
 
     def loss_fn(params, rest, batch, key):
         model = nnx.merge(graphdef, params, rest, copy=True)
-        return stage_loss(model, batch, key)[0]
+        loss = stage_loss(model, batch, key)[0]
+        return loss, nnx.split(model, nnx.Param, ...)[2]  # BatchNorm statistics move too
 
     @jax.jit
     def run(params, rest, data, held, order, sched, key):
         opt_state = tx.init(params)
 
         def step(carry, inp):
-            params, opt_state = carry
+            params, opt_state, rest = carry
             idx, g_mul, g_add, u_mul, x_nan, k = inp
             batch = {name: v[idx] for name, v in data.items()}
             batch = {name: jnp.where(x_nan, jnp.nan, v) if jnp.issubdtype(v.dtype, jnp.floating)
                      else v for name, v in batch.items()}  # fmt: skip
-            grads = jax.grad(loss_fn)(params, rest, batch, k)
+            grads, new_rest = jax.grad(loss_fn, has_aux=True)(params, rest, batch, k)
             paths, treedef = jax.tree_util.tree_flatten_with_path(grads)
             leaves = [g * g_mul for _, g in paths]
             i = next(j for j, (p, _) in enumerate(paths)
@@ -159,11 +162,14 @@ def _jax_runner(spec: specs.ModelSpec, tx: optax.GradientTransformation, graphde
             grads = jax.tree.unflatten(treedef, leaves)
             updates, opt_state = tx.update(grads, opt_state, params)
             updates = jax.tree.map(lambda u: u * u_mul, updates)
-            return (optax.apply_updates(params, updates), opt_state), None
+            skipped = jaxstab.read_stats(opt_state).get(S.SKIP_SKIPPED)
+            if skipped is not None:  # as jaxstab.train.fit: a skipped step keeps the statistics
+                new_rest = jax.lax.cond(skipped > 0, lambda: rest, lambda: new_rest)
+            return (optax.apply_updates(params, updates), opt_state, new_rest), None
 
         keys = jax.random.split(key, order.shape[0])
         inputs = (order, sched["g_mul"], sched["g_add"], sched["u_mul"], sched["x_nan"], keys)
-        (params, _), _ = jax.lax.scan(step, (params, opt_state), inputs)
+        (params, _, rest), _ = jax.lax.scan(step, (params, opt_state, rest), inputs)
         model = nnx.merge(graphdef, params, rest, copy=True)
         model.eval()
         final = spec.eval_loss_jax(model, held)
