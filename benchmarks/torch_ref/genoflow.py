@@ -395,10 +395,10 @@ class GenoFlowModel(nn.Module):
 
     def velocity(self, tau: Any, z: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """The velocity at flow time ``tau``; with ``"interval"`` the vector field reads
-        ``tau − k`` on ``[k, k + 1]``."""
+        ``tau − k`` on ``(k, k + 1]``."""
         tau = torch.as_tensor(tau, dtype=z.dtype, device=z.device)
         if self.config.flow_time == "interval":
-            tau = tau - torch.clamp(torch.floor(tau), 0, len(self.time_points) - 2)
+            tau = tau - torch.clamp(torch.ceil(tau) - 1, 0, len(self.time_points) - 2)
         return self.vector_field(tau, z, condition)
 
     def encode_mean(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
@@ -461,7 +461,10 @@ class GenoFlowModel(nn.Module):
         error."""
         span = (tau1 - tau0)[:, None]
         z_t = z0 + t[:, None] * (z1 - z0)
-        v = self.velocity(tau0 + t * (tau1 - tau0), z_t, condition)
+        if self.config.flow_time == "interval":
+            v = self.vector_field(t, z_t, condition)
+        else:
+            v = self.velocity(tau0 + t * (tau1 - tau0), z_t, condition)
         loss = ((v - (z1 - z0) / span) ** 2).mean()
         return loss, {"fm": loss}
 

@@ -374,11 +374,12 @@ class GenoFlow(nnx.Module):
         """The flow's velocity at flow time ``tau`` (see :meth:`flow_times`).
 
         With ``flow_time="interval"`` the vector field reads the time within the current
-        interval, ``tau − k`` on ``[k, k + 1]`` (the original's ``t`` in [0, 1]).
+        interval, ``tau − k`` on ``(k, k + 1]`` (the original's ``t`` in [0, 1], its end
+        included: a trajectory over [0, 1] ends reading ``t = 1`` as the original's does).
         """
         tau = jnp.asarray(tau, z.dtype)
         if self.config.flow_time == "interval":
-            tau = tau - jnp.clip(jnp.floor(tau), 0, len(self.time_points) - 2)
+            tau = tau - jnp.clip(jnp.ceil(tau) - 1, 0, len(self.time_points) - 2)
         return self.vector_field(tau, z, condition)
 
     def encode_mean(self, x: jax.Array, condition: jax.Array) -> jax.Array:

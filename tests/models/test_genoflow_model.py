@@ -158,6 +158,8 @@ def test_interval_time_reads_the_time_within_each_interval():
     vf = model.vector_field
     np.testing.assert_allclose(model.velocity(1.25, z, c), vf(0.25, z, c), rtol=1e-6)
     np.testing.assert_allclose(model.velocity(3.0, z, c), vf(1.0, z, c), rtol=1e-6)
+    np.testing.assert_allclose(model.velocity(1.0, z, c), vf(1.0, z, c), rtol=1e-6)  # an end
+    np.testing.assert_allclose(model.velocity(0.0, z, c), vf(0.0, z, c), rtol=1e-6)
     assert model.flow_times() == (0.0, 1.0, 2.0, 3.0)
     glob = _model(time_points=[0, 2, 3, 7])
     np.testing.assert_allclose(glob.flow_times(), [0, 2 / 7, 3 / 7, 1.0])
