@@ -36,7 +36,7 @@ def _run(code: str, env: dict[str, str] | None = None) -> str:
 
 
 def test_every_block_is_covered():
-    assert len(BLOCKS) == 8  # the user-model block runs in tests/jaxstab/test_plugin.py
+    assert len(BLOCKS) == 9  # the user-model block runs in tests/jaxstab/test_plugin.py
 
 
 def test_safe_math_example():
@@ -81,3 +81,9 @@ def test_e3gnn_example():
 def test_sidechain_example():
     out = _run(_block("train_sidechain"))
     assert out.strip().splitlines()[-1] == "(10, 173, 14, 3) (10, 173, 21)"
+
+
+@pytest.mark.slow  # ~40 s of compilation; tests/models/test_genoflow_train.py covers it
+def test_genoflow_example():
+    out = _run(_block("train_genoflow"))
+    assert out.strip().splitlines()[-1] == "(100, 5, 4) (100, 5, 50)"
