@@ -1,9 +1,10 @@
 """The contract every registered model meets (parametrized over ``jaxstab.registry.names()``).
 
 At the ``small`` preset on (a slice of) its default data: finite loss and gradients at
-initialisation, one compilation per epoch shape, no host callback in the guarded training
-step, and the guarded scan-fused epoch lowers with ``jax.export`` for TPU and CUDA with no
-host callback or CPU-only custom call in the module: how "runs on TPU" is checked on a CPU.
+initialisation (the first step of a ``fit``), one compilation per epoch shape, no host
+callback in the guarded training step, and the guarded scan-fused epoch lowers with
+``jax.export`` for TPU and CUDA with no host callback or CPU-only custom call in the module:
+how "runs on TPU" is checked on a CPU.
 """
 
 from __future__ import annotations
@@ -90,18 +91,12 @@ def model_name(request) -> str:
 
 
 def test_finite_loss_and_gradients_at_init(model_name):
-    entry, cfg, data = _small(model_name)
-    model = entry.build_model(data, model_config(entry, cfg), nnx.Rngs(0))
-    batch = {k: jnp.asarray(v[:BATCH]) for k, v in data.arrays.items()}
-    loss_fn = entry.stage().loss_fn or entry.loss_fn
-    (loss, aux), grads = nnx.jit(
-        nnx.value_and_grad(lambda m: loss_fn(m, batch, jax.random.key(1)), has_aux=True)
-    )(model)
-    assert np.isfinite(float(loss))
-    assert all(np.isfinite(float(v)) for v in aux.values())
-    leaves = jax.tree.leaves(nnx.to_pure_dict(grads))
-    assert leaves and all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-    assert float(optax.tree.norm(grads)) > 0
+    # the first step of the run below is at initialisation: its loss, aux terms and gradient
+    # norm (finite iff every gradient is) before the first update
+    history = _fit_runs(model_name)[2].history
+    terms = {k: v[0] for k, v in history.items() if not k.startswith("grad/")}
+    assert "loss" in terms and all(np.isfinite(v) for v in terms.values()), terms
+    assert np.isfinite(history["grad/global_norm"][0]) and history["grad/global_norm"][0] > 0
 
 
 def _count_compiles(fn) -> int:
@@ -119,31 +114,42 @@ def _count_compiles(fn) -> int:
     return len(events)
 
 
-def test_one_compilation_per_epoch_shape(model_name):
+@functools.cache  # one pair of runs per model, shared by the tests that read them
+def _fit_runs(model_name: str):
+    """Compilations of a one-epoch ``fit`` from cleared caches, then of a two-epoch ``fit`` of
+    a fresh model with those executables kept, and the one-epoch run's result."""
     entry, cfg, data = _small(model_name)
     tx = _tx(entry, cfg)
     loss_fn = entry.stage().loss_fn or entry.loss_fn
+    results = []
 
     def run(epochs: int):
         model = entry.build_model(data, model_config(entry, cfg), nnx.Rngs(0))
-        return lambda: fit(
-            model,
-            tx,
-            loss_fn,
-            data.arrays,
-            batch_size=BATCH,
-            epochs=epochs,
-            key=jax.random.key(0),
-            explosion_norm=None,
+        return lambda: results.append(
+            fit(
+                model,
+                tx,
+                loss_fn,
+                data.arrays,
+                batch_size=BATCH,
+                epochs=epochs,
+                key=jax.random.key(0),
+                explosion_norm=None,
+            )
         )
 
     jax.clear_caches()
     make_chunk_fn.cache_clear()
     one = _count_compiles(run(1))
+    two = _count_compiles(run(2))
+    return one, two, results[0]
+
+
+def test_one_compilation_per_epoch_shape(model_name):
+    one, two, _ = _fit_runs(model_name)
     # A fresh model, two epochs, the executables of the one-epoch run kept: the second epoch
     # (and the first) reuse them, so nothing compiles (one compilation of the training step
     # per model, where clearing the caches again would compile it twice).
-    two = _count_compiles(run(2))
     assert one >= 1
     assert two == 0, f"{two} compilations in a run whose epochs all have the first's shape"
 
