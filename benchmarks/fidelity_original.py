@@ -4,7 +4,7 @@
   (``cfm_vc.models.*`` and ``cfm_vc.data.dataset``; ``cfm_vc.training`` needs ``tqdm`` and is
   not imported);
 - :func:`patched_torch`: a module's ``torch`` replaced for a block by a proxy whose random
-  functions hand out fixed tensors (:class:`_Queue`), so the original draws our noise;
+  functions hand out fixed tensors (:class:`Queue`), so the original draws our noise;
 - :class:`OriginalAdapter`: every compared quantity of an original ``CFMVCModel``, NumPy in
   and out, in float32 or (:meth:`OriginalAdapter.as_float64`) float64;
 - :func:`init_weights`, :func:`stress_clamps`: the weights of the two scenarios.
@@ -64,26 +64,35 @@ def original_commit(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def import_original(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Puts ``path`` on ``sys.path`` and imports the original's modules (:data:`MODULES`).
+def import_original(
+    path: str | os.PathLike[str],
+    modules: Mapping[str, str] = MODULES,
+    anchor: str = "cfmvc",
+) -> dict[str, Any]:
+    """Puts ``path`` on ``sys.path`` and imports the original's modules (default
+    :data:`MODULES`, CFM-VC's; another original passes its own ``{key: module}`` and the key
+    ``anchor`` of the module that must be a file under ``path``).
 
-    Raises ``FileNotFoundError`` when ``path`` holds no ``cfm_vc/models/cfmvc.py`` and
-    ``ImportError`` when ``cfm_vc`` resolves to a package elsewhere.
+    Raises ``FileNotFoundError`` when ``path`` holds no file of the anchor module (for CFM-VC
+    ``cfm_vc/models/cfmvc.py``) and ``ImportError`` when its package resolves elsewhere.
     """
     root = str(Path(path).resolve())
-    if not (Path(root) / "cfm_vc" / "models" / "cfmvc.py").is_file():
-        raise FileNotFoundError(f"{root} has no cfm_vc/models/cfmvc.py (the original's code)")
+    marker = Path(*modules[anchor].split(".")).with_suffix(".py").as_posix()
+    if not (Path(root) / marker).is_file():
+        raise FileNotFoundError(f"{root} has no {marker} (the original's code)")
     if root not in sys.path:
         sys.path.insert(0, root)
-    mods = {key: importlib.import_module(name) for key, name in MODULES.items()}
-    where = Path(mods["cfmvc"].__file__).resolve()
+    mods = {key: importlib.import_module(name) for key, name in modules.items()}
+    where = Path(mods[anchor].__file__).resolve()
     if not str(where).startswith(root):
-        raise ImportError(f"cfm_vc was imported from {where}, not from {root}")
+        package = modules[anchor].split(".")[0]
+        raise ImportError(f"{package} was imported from {where}, not from {root}")
     return mods
 
 
-class _Queue:
-    """Hands out fixed tensors in order in place of a torch random function."""
+class Queue:
+    """Hands out fixed tensors in order in place of a torch random function (a
+    ``RuntimeError`` when called more often than it holds tensors, or for another shape)."""
 
     def __init__(self, name: str, values: list) -> None:
         self.name, self.values = name, list(values)
@@ -201,7 +210,7 @@ class OriginalAdapter:
             clamps.append(out.detach().clone())
             return out
 
-        randn = _Queue("randn_like", [self._t(eps_int), self._t(eps_tech)])
+        randn = Queue("randn_like", [self._t(eps_int), self._t(eps_tech)])
         was_training = enc.training
         enc.training = True
         try:
@@ -279,8 +288,8 @@ class OriginalAdapter:
         no_tech = np.zeros((len(x), m.dim_tech))
         with self.torch.no_grad(), self._sampling_encoder(eps, no_tech, []):
             z_int, _, _, _ = m.encoder(x, b, c)  # the training loop's target: a sample
-        fixed = {"randn_like": _Queue("randn_like", [self._t(z0)]),
-                 "rand": _Queue("rand", [self._t(t)])}  # fmt: skip
+        fixed = {"randn_like": Queue("randn_like", [self._t(z0)]),
+                 "rand": Queue("rand", [self._t(t)])}  # fmt: skip
         with patched_torch(self.mods["cfmvc"], **fixed):
             loss, _, _ = m.flow_step(z_int.detach(), self._t(inputs[self.p_key]), b, c)
         loss.backward()
@@ -293,9 +302,9 @@ class OriginalAdapter:
     def generate(self, inputs, z0, n_steps) -> tuple[np.ndarray, np.ndarray]:
         m, p = self.model, self._t(inputs[self.p_key])
         b, c = self._codes(inputs)
-        with patched_torch(self.mods["cfmvc"], randn=_Queue("randn", [self._t(z0)])):
+        with patched_torch(self.mods["cfmvc"], randn=Queue("randn", [self._t(z0)])):
             z = m.sample_z1_from_flow(p, b, c, n_steps=n_steps)
-        with patched_torch(self.mods["cfmvc"], randn=_Queue("randn", [self._t(z0)])):
+        with patched_torch(self.mods["cfmvc"], randn=Queue("randn", [self._t(z0)])):
             expression = m.generate_expression(p, b, c, n_steps=n_steps)
         return to_numpy(z), to_numpy(expression)
 

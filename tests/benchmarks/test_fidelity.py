@@ -263,14 +263,14 @@ def test_commit_and_import_of_the_original(tmp_path):
 def test_torch_proxy_hands_out_fixed_noise_and_restores():
     mod = types.SimpleNamespace(torch=torch)
     z = torch.arange(6.0).reshape(2, 3)
-    with orig.patched_torch(mod, randn_like=orig._Queue("randn_like", [z])):
+    with orig.patched_torch(mod, randn_like=orig.Queue("randn_like", [z])):
         np.testing.assert_array_equal(mod.torch.randn_like(torch.zeros(2, 3)).numpy(), z.numpy())
         assert mod.torch.exp is torch.exp
         with pytest.raises(RuntimeError, match="more often"):
             mod.torch.randn_like(torch.zeros(2, 3))
     assert mod.torch is torch
     with (
-        orig.patched_torch(mod, randn_like=orig._Queue("randn_like", [z])),
+        orig.patched_torch(mod, randn_like=orig.Queue("randn_like", [z])),
         pytest.raises(RuntimeError, match="shape"),
     ):
         mod.torch.randn_like(torch.zeros(3, 2))
