@@ -95,16 +95,31 @@ def _jax_variant(spec: specs.ModelSpec, variant: str, epochs: int, size: str, se
 
     first, _ = timed(1)
     seconds, res = timed(epochs)
+    stats = jax.devices()[0].memory_stats() or {}  # None on the CPU
     return {
         "seconds_per_epoch": seconds / epochs,
         "first_epoch_seconds_incl_compile": first,
         "steps_per_epoch": res.steps_per_epoch,
         "final_epoch_loss": float(res.epoch_history["train_loss"][-1]),
         "status": res.status,
+        "peak_device_mib": stats["peak_bytes_in_use"] / 2**20 if stats else None,
     }
 
 
+def torch_device() -> str:
+    """Where the PyTorch variants run: ``"cuda"`` when PyTorch sees a GPU, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _torch_variant(spec: specs.ModelSpec, variant: str, epochs: int, size: str, seed: int):
+    import torch
+
+    device = torch_device()
+    # The PyTorch versions create their tensors without a device argument, so the default
+    # device puts the model, the data and every step on the GPU where there is one.
+    torch.set_default_device(device)
     bs = spec.size(size)["batch_size"]
     dataset = spec.data(size, seed)
     model = spec.build_torch(size, "default", seed)
@@ -116,6 +131,10 @@ def _torch_variant(spec: specs.ModelSpec, variant: str, epochs: int, size: str, 
         "first_epoch_seconds_incl_compile": hist["epoch_seconds"][0],
         "steps_per_epoch": steps,
         "final_epoch_loss": float(sum(hist["loss"][-steps:]) / steps),
+        "torch_device": device,
+        "peak_device_mib": (
+            torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+        ),
     }
 
 
@@ -162,28 +181,35 @@ def run(
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    """One results table per model."""
+    """One results table per model (a device-memory column where a variant measured one)."""
     lines = ["# Stage training speed against the PyTorch versions", ""]
     lines += [f"{describe(result['environment'])}. Memory: {result['memory']}.", ""]
     for name, res in result["models"].items():
         s = res["settings"]
+        device = any(r.get("peak_device_mib") is not None for r in res["results"])
+        extra = " peak device memory (MiB) |" if device else ""
         lines += [
             f"## {name}, stage {res['stage']} (size {res['size']}: "
             f"{size_examples(s)} "
             f"examples, batch {s.get('batch_size')})",
             "",
-            "| variant | s / epoch | first epoch incl. compile (s) | peak RSS (MiB) | final loss |",
-            "|---|---|---|---|---|",
+            "| variant | s / epoch | first epoch incl. compile (s) | peak RSS (MiB) | final loss |"
+            + extra,
+            "|---|---|---|---|---|" + ("---|" if device else ""),
         ]
         for r in res["results"]:
             if "error" in r:
-                lines.append(f"| {r['variant']} | failed | | | |")
+                lines.append(f"| {r['variant']} | failed | | | |" + (" |" if device else ""))
                 continue
-            lines.append(
+            row = (
                 f"| {r['variant']} | {r['seconds_per_epoch']:.2f} | "
                 f"{r['first_epoch_seconds_incl_compile']:.1f} | {r['peak_rss_mib']:.0f} | "
                 f"{r['final_epoch_loss']:.1f} |"
             )
+            if device:
+                mib = r.get("peak_device_mib")
+                row += " — |" if mib is None else f" {mib:.0f} |"
+            lines.append(row)
         lines.append("")
     return "\n".join(lines)
 

@@ -14,6 +14,13 @@ part and ignore ``--model``. ``--preset NAME`` (repeatable) goes to the suites w
 takes ``presets`` (stability; default: the suite's own) and is ignored, with a note, by the
 others.
 
+``--suite gpu`` runs the device suites (numerics, overhead, speed for every port, stability for
+every port) with the settings of one large GPU (:data:`GPU_SETTINGS`), planned to take under
+8 minutes on an H100 or H200, and writes every ``*-gpu.json`` and ``.md`` plus
+``gpu_suite-gpu.json`` (each suite's wall time). It refuses to run on a CPU; ``--dry-run`` runs
+the same suites and code paths at tiny sizes (:data:`DRY_RUN_SETTINGS`, one model) on any
+device, into ``--out`` (default: a new temporary folder).
+
 Example:
   >>> sorted(SUITES)
   ['numerics', 'overhead', 'parity', 'speed', 'stability']
@@ -35,6 +42,8 @@ import importlib
 import inspect
 import json
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +61,32 @@ SUITES: dict[str, tuple[str, str]] = {
 # The file name of a suite's results where it is not the suite's name (the speed suite is the
 # one ``python -m benchmarks.bench_models`` writes).
 RESULT_NAMES: dict[str, str] = {"speed": "models"}
+
+# ``--suite gpu``: the device suites, each with the settings of one large accelerator (an H100
+# or H200), planned to fit in GPU_BUDGET_S together. Overhead configs are bench_overhead's
+# (hidden widths, batch, per-step repeats, steps per scan, scan repeats).
+GPU_SUITES: tuple[str, ...] = ("numerics", "overhead", "speed", "stability")
+GPU_BUDGET_S = 480.0
+GPU_SETTINGS: dict[str, dict[str, Any]] = {
+    "numerics": {},
+    "overhead": {
+        "configs": {
+            "mlp-1M": ([256, 512, 512, 512, 512, 256], 64, 200, 50, 10),
+            "mlp-50M": ([1024, 3584, 3584, 3584, 3584, 1024], 64, 50, 20, 5),
+        }
+    },
+    "speed": {"epochs": 3},
+    "stability": {"seeds": 3},
+}
+# ``--dry-run``: the same suites and code paths at tiny sizes, for the first spec (unless
+# ``--model`` names others), on any device, in about a minute of CPU (a test runs it), so that
+# the GPU run cannot fail on a typo.
+DRY_RUN_SETTINGS: dict[str, dict[str, Any]] = {
+    "numerics": {"repeats": 7},
+    "overhead": {"configs": {"mlp-tiny": ([16, 32, 16], 8, 2, 2, 1)}},
+    "speed": {"epochs": 1, "size": "small", "variants": ("jax_scan", "torch_eager")},
+    "stability": {"seeds": 1, "variants": ("jax_guard", "torch_seed")},
+}
 
 
 def _flatten(prefix: str, obj: Any, rows: list[tuple[str, str]]) -> None:
@@ -137,20 +172,28 @@ def run_suite(
     out_dir: Path | None = None,
     models: Sequence[str] | None = None,
     presets: Sequence[str] | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Runs one suite and writes its JSON and markdown (in ``out_dir``, default
     :data:`RESULTS`); returns both paths.
 
     ``models`` (spec names; ``None``: all) goes to a per-model suite, is ignored by the others;
     ``presets`` (``None``: the suite's default) likewise to a suite that takes them.
+    ``settings`` are more keyword arguments of the suite's ``run`` (sizes, repeats); one that
+    it does not take is a ``TypeError`` before anything runs.
     """
     fn, to_md = _resolve(suite)
     params = inspect.signature(fn).parameters
+    unknown = sorted(set(settings or {}) - set(params))
+    if unknown:
+        raise TypeError(f"suite {suite!r} takes no setting {unknown[0]!r}; it takes "
+                        f"{', '.join(params)}")  # fmt: skip
     kwargs: dict[str, Any] = {"write": False} if "write" in params else {}
     if "models" in params and models is not None:
         kwargs["models"] = list(models)
     if "presets" in params and presets is not None:
         kwargs["presets"] = list(presets)
+    kwargs.update(settings or {})
     result = fn(**kwargs)
     name = RESULT_NAMES.get(suite, suite)
     if models is not None:
@@ -175,14 +218,57 @@ def write_results(
     return json_path, md_path
 
 
+def run_gpu(
+    out_dir: Path | None = None, models: Sequence[str] | None = None, dry_run: bool = False
+) -> dict[str, Any]:
+    """Every suite of :data:`GPU_SUITES` with :data:`GPU_SETTINGS` (``dry_run``:
+    :data:`DRY_RUN_SETTINGS` and the first spec unless ``models`` names others),
+    each suite's files written as :func:`run_suite` writes them, then a summary
+    ``gpu_suite-<device>.json`` with each suite's wall time against :data:`GPU_BUDGET_S`."""
+    table = DRY_RUN_SETTINGS if dry_run else GPU_SETTINGS
+    if dry_run and models is None:
+        from benchmarks import specs
+
+        models = specs.names()[:1]
+    summary: dict[str, Any] = {"dry_run": dry_run, "budget_s": GPU_BUDGET_S, "suites": {}}
+    start = time.perf_counter()
+    for suite in GPU_SUITES:
+        t0 = time.perf_counter()
+        paths = run_suite(suite, out_dir, models=models, settings=table[suite])
+        summary["suites"][suite] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "files": [p.name for p in paths],
+            "settings": table[suite],
+        }
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    summary["within_budget"] = summary["seconds"] <= GPU_BUDGET_S
+    lines = [f"# GPU suite ({device_name()}{', dry run' if dry_run else ''})", "",
+             f"{summary['seconds']:.0f} s in all (budget {GPU_BUDGET_S:.0f} s).", "",
+             "| suite | seconds | files |", "|---|---:|---|"]  # fmt: skip
+    for suite, r in summary["suites"].items():
+        lines.append(f"| {suite} | {r['seconds']:.0f} | {', '.join(r['files'])} |")
+    write_results("gpu_suite", summary, "\n".join(lines) + "\n", out_dir)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument(
         "--suite",
         required=True,
-        choices=sorted(SUITES),
+        choices=[*sorted(SUITES), "gpu"],
         action="append",
-        help="suite to run (repeat for several)",
+        help="suite to run (repeat for several); gpu: every device suite at GPU sizes",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --suite gpu: the same suites at tiny sizes on any device, written to --out",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results folder (default benchmarks/results; with --dry-run a new temporary one)",
     )
     parser.add_argument(
         "--model",
@@ -211,6 +297,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"benchmarks: model {spec.name!r} has no preset {unknown[0]!r}; presets: "
                   f"{known}", file=sys.stderr)  # fmt: skip
             return 2
+    if "gpu" in args.suite:
+        if args.suite != ["gpu"]:
+            print("benchmarks: --suite gpu runs alone", file=sys.stderr)
+            return 2
+        if not args.dry_run and device_name() == "cpu":
+            print("benchmarks: --suite gpu needs an accelerator (JAX sees only the CPU); "
+                  "--dry-run runs it at tiny sizes", file=sys.stderr)  # fmt: skip
+            return 2
+        out = args.out
+        if out is None and args.dry_run:
+            out = Path(tempfile.mkdtemp(prefix="jaxstab-gpu-dry-run-"))
+        summary = run_gpu(out, models=models, dry_run=args.dry_run)
+        print(f"gpu: {summary['seconds']:.0f} s (budget {GPU_BUDGET_S:.0f} s); wrote "
+              f"{', '.join(f for r in summary['suites'].values() for f in r['files'])} in "
+              f"{out or RESULTS}")  # fmt: skip
+        return 0
+    if args.dry_run:
+        print("benchmarks: --dry-run applies to --suite gpu only", file=sys.stderr)
+        return 2
     for suite in args.suite:
         if models is not None and not per_model(suite):
             print(
@@ -219,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.preset is not None and not takes_presets(suite):
             print(f"benchmarks: suite {suite!r} takes no preset; --preset ignored", file=sys.stderr)
         try:
-            json_path, md_path = run_suite(suite, models=models, presets=args.preset)
+            json_path, md_path = run_suite(
+                suite, out_dir=args.out, models=models, presets=args.preset
+            )
         except ImportError as e:
             print(f"benchmarks: suite {suite!r} is not available: {e}", file=sys.stderr)
             return 2

@@ -379,11 +379,21 @@ def run_model(
 
 
 def run(
-    models: Iterable[str] | None = None, presets: Iterable[str] = ("default",)
+    models: Iterable[str] | None = None,
+    presets: Iterable[str] = ("default",),
+    seeds: int | None = None,
+    variants: Iterable[str] = VARIANTS,
 ) -> dict[str, Any]:
     """Every spec's (or ``models``') survival table at each of ``presets``, keyed by
-    :func:`result_key`; the runner writes the files."""
+    :func:`result_key`; the runner writes the files. ``seeds`` (a count) replaces each spec's
+    own (:func:`default_seeds`); ``variants`` selects among :data:`VARIANTS`."""
     chosen = specs.select(models)
+    variants = tuple(variants)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant {unknown[0]!r}; variants: {', '.join(VARIANTS)}")
+    if seeds is not None and seeds < 1:
+        raise ValueError(f"seeds must be a positive count, got {seeds!r}")
     presets = tuple(dict.fromkeys(presets))
     for spec in chosen:  # refuse an unknown preset before any training
         for preset in presets:
@@ -392,7 +402,9 @@ def run(
         "benchmark": "fault injection on each port's stage",
         "environment": environment(),
         "models": {
-            result_key(spec, preset): run_model(spec, preset=preset)
+            result_key(spec, preset): run_model(
+                spec, variants, None if seeds is None else range(seeds), preset=preset
+            )
             for spec in chosen
             for preset in presets
         },
