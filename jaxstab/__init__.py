@@ -6,6 +6,7 @@ Submodules:
     their public names are also exported at the top level (``jaxstab.stability_guard``).
   jaxstab.plugin  the plugin API (``jaxstab.Dataset``, ``jaxstab.ModelEntry``,
     ``jaxstab.Stage``) through which a model plugs into ``jaxstab diagnose`` and ``train``.
+  jaxstab.record  ``jaxstab.Recorder``: the diagnosis report from any training loop.
 """
 
 __version__ = "0.1.0"
@@ -36,6 +37,16 @@ from jaxstab.transforms import (
     zero_nonfinite,
 )
 
+
+def __getattr__(name: str):
+    # The recorder pulls in the report's plotting; imported on first use only.
+    if name == "Recorder":
+        from jaxstab.record import Recorder
+
+        return Recorder
+    raise AttributeError(f"module 'jaxstab' has no attribute {name!r}")
+
+
 __all__ = [
     "AutoClipState",
     "ClipByGlobalNormState",
@@ -45,6 +56,7 @@ __all__ = [
     "GradientFlowReport",
     "LogNormsState",
     "ModelEntry",
+    "Recorder",
     "SkipBadStepsState",
     "Stage",
     "ZClipState",

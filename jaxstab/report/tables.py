@@ -7,8 +7,6 @@ entry per step named ``loss``, ``grad/global_norm``, ``grad/norm/<group>``,
 
 Example:
   >>> import numpy as np
-
-from jaxstab import stat_names as S
   >>> h = {"loss": np.array([1.0, 0.5]), "grad/global_norm": np.array([2.0, 1.0]),
   ...      "grad/norm/enc": np.array([1.5, 0.5]), "grad/norm/dec": np.array([1.0, 0.8])}
   >>> t = gradient_table(h, steps_per_epoch=1, lr=np.array([0.1, 0.1]))
@@ -54,7 +52,9 @@ def gradient_table(
     """The ``gradient_stats.csv`` columns, in order (see the module example)."""
     n = n_steps(history)
     names = groups(history)
-    group_norms = np.stack([np.asarray(history[NORM + g], np.float64) for g in names], axis=0)
+    group_norms = np.zeros((0, n))  # a loop that records only the global norm has no groups
+    if names:
+        group_norms = np.stack([np.asarray(history[NORM + g], np.float64) for g in names])
     zeros = np.zeros(n, dtype=np.int64)
     table: dict[str, np.ndarray] = {
         "step": np.arange(n),
