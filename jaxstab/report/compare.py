@@ -104,7 +104,40 @@ def comparison_table(runs: Sequence[Run]) -> Table:
     ]
     for label, values in rows:
         table.add_row(label, *[_fmt(v) for v in values])
+    # Every finding code that any run has, one row each: its severity in the runs that have it.
+    codes = list(dict.fromkeys(f["code"] for r in runs for f in r.report.get("findings", ())))
+    for code in codes:
+        cells = []
+        for r in runs:
+            hits = [f["severity"] for f in r.report.get("findings", ()) if f["code"] == code]
+            cells.append(", ".join(hits) if hits else "-")
+        table.add_row(f"finding: {code}", *cells)
     return table
+
+
+def findings_text(runs: Sequence[Run]) -> str:
+    """Each run's findings as plain sentences, run by run (a report of an older jaxstab,
+    without findings, says so).
+
+    >>> run = Run("a", {"findings": [{"code": "dead_group", "severity": "warning",
+    ...                               "message": "Group 'b' does not train."}]}, {})
+    >>> print(findings_text([run, Run("b", {}, {})]))
+    a:
+      [warning] dead_group: Group 'b' does not train.
+    b:
+      (no findings recorded)
+    """
+    lines = []
+    for r in runs:
+        lines.append(f"{r.name}:")
+        found = r.report.get("findings")
+        if found is None:
+            lines.append("  (no findings recorded)")
+        elif not found:
+            lines.append("  no findings")
+        for f in found or ():
+            lines.append(f"  [{f['severity']}] {f['code']}: {f['message']}")
+    return "\n".join(lines)
 
 
 def plot_comparison(runs: Sequence[Run], path: str | os.PathLike) -> None:
@@ -135,6 +168,8 @@ def compare(
 ) -> list[Run]:
     """Loads every run (all first, so a bad directory writes nothing), prints, plots."""
     runs = [load_run(d) for d in directories]
-    (console or Console()).print(comparison_table(runs))
+    console = console or Console()
+    console.print(comparison_table(runs))
+    console.print(findings_text(runs), markup=False, highlight=False)
     plot_comparison(runs, output)
     return runs

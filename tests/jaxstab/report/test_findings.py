@@ -25,7 +25,8 @@ def _mlp(p, x, y):
     return jnp.mean((jnp.tanh(x @ p["enc"]["w"]) @ p["head"]["w"] - y) ** 2)
 
 
-def _run(tmp_path, *, loss_fn=_mlp, params=None, tx=None, steps=40, batch=None, **rec_kw):
+def _run(tmp_path, *, loss_fn=_mlp, params=None, tx=None, steps=40, batch=None, name="run",
+         **rec_kw):  # fmt: skip
     """Trains ``loss_fn`` with ``tx`` (default the guard around Adam, no clip) for ``steps``
     steps, recording every one; ``batch(t)`` gives step t's inputs. Returns the codes found."""
     params = _params() if params is None else params
@@ -38,7 +39,7 @@ def _run(tmp_path, *, loss_fn=_mlp, params=None, tx=None, steps=40, batch=None, 
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s, loss
 
-    with jaxstab.Recorder(tmp_path / "run", **rec_kw) as rec:
+    with jaxstab.Recorder(tmp_path / name, **rec_kw) as rec:
         for t in range(steps):
             x, y = batch(t) if batch else (X, Y)
             params, state, loss = step(params, state, x, y)
@@ -136,3 +137,22 @@ def test_rules_need_enough_steps_and_order_by_severity():
                                           "group_dominates"]  # fmt: skip
     assert {f["code"] for f in found} <= set(F.CODES)
     assert all(set(f) == {"code", "severity", "message", "evidence"} for f in found)
+
+
+def test_compare_lists_the_findings_of_each_run(tmp_path):
+    from rich.console import Console
+
+    from jaxstab.report import compare
+
+    params = {**_params(), "unused": {"w": jnp.ones(3)}}
+    _run(tmp_path, params=params, steps=12, name="dead")
+    _run(tmp_path, steps=12, clip=100.0, name="fine")
+    console = Console(record=True, width=300)
+    runs = compare.compare([tmp_path / "dead", tmp_path / "fine"], tmp_path / "c.png",
+                           console=console)  # fmt: skip
+    text = console.export_text()
+    row = next(ln for ln in text.splitlines() if "finding: dead_group" in ln)
+    assert [c.strip() for c in row.split("│")[1:-1]] == ["finding: dead_group", "warning", "-"]
+    text = compare.findings_text(runs)
+    assert "dead:\n  [warning] dead_group: Group 'unused'" in text
+    assert "dead_group" not in text.split("fine:")[1]
