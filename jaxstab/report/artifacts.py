@@ -132,7 +132,8 @@ def write_artifacts(
         )
     )
     report_json.write_report(os.path.join(directory, "diagnosis_report.json"), report)
-    plots.plot_diagnostics(grad, thresholds, os.path.join(directory, "diagnostics.png"))
+    plots.plot_diagnostics(grad, thresholds, os.path.join(directory, "diagnostics.png"),
+                           findings=report["findings"])  # fmt: skip
     plots.plot_heatmap(grad, os.path.join(directory, "gradient_heatmap.png"))
     plots.plot_features(feats, os.path.join(directory, "feature_changes.png"))
     return report

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -53,11 +54,36 @@ def _group_columns(table: Mapping[str, np.ndarray]) -> list[str]:
     return [c for c in table if c.startswith("grad_norm:")]
 
 
+_SEVERITY_COLOURS = {"info": "tab:blue", "warning": "orange", "critical": "red"}
+
+
+def _mark_findings(axes: Sequence[Any], findings: Sequence[Mapping[str, Any]]) -> None:
+    # A finding with a step in its evidence is a vertical line on every panel, labelled on the
+    # norm panel; every finding is listed in a box on the loss panel.
+    for f in findings:
+        step = f.get("evidence", {}).get("step")
+        colour = _SEVERITY_COLOURS.get(f["severity"], "grey")
+        if step is None:
+            continue
+        for ax in axes:
+            ax.axvline(step, color=colour, ls="-.", lw=1.0, alpha=0.8)
+        axes[1].annotate(f["code"], (step, 1.0), xycoords=("data", "axes fraction"),
+                         rotation=90, va="top", ha="right", fontsize=7, color=colour)  # fmt: skip
+    if findings:
+        text = "\n".join(f"{f['severity']}: {f['code']}" for f in findings)
+        axes[0].text(0.01, 0.97, "findings\n" + text, transform=axes[0].transAxes, va="top",
+                     fontsize=7, bbox={"facecolor": "white", "alpha": 0.8})  # fmt: skip
+
+
 def plot_diagnostics(
-    table: Mapping[str, np.ndarray], thresholds: Thresholds, path: str | os.PathLike
+    table: Mapping[str, np.ndarray],
+    thresholds: Thresholds,
+    path: str | os.PathLike,
+    findings: Sequence[Mapping[str, Any]] = (),
 ) -> None:
     """Four panels: loss; global norm with warning/danger lines; per-group norms with the
-    largest highlighted; learning rate with clip and skip events."""
+    largest highlighted; learning rate with clip and skip events. ``findings`` (the report's)
+    are listed on the loss panel and those with a ``step`` marked on every panel."""
     steps = np.asarray(table["step"])
     fig = Figure(figsize=(11, 13))
     axes = fig.subplots(4, 1, sharex=True)
@@ -108,6 +134,7 @@ def plot_diagnostics(
     ax.set_xlabel("step")
     ax.set_title("Learning rate, clip and skip events")
     ax.legend(loc="upper right", fontsize=8)
+    _mark_findings(axes, findings)
 
     fig.tight_layout()
     fig.savefig(path, dpi=90)

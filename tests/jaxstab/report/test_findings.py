@@ -156,3 +156,24 @@ def test_compare_lists_the_findings_of_each_run(tmp_path):
     text = compare.findings_text(runs)
     assert "dead:\n  [warning] dead_group: Group 'unused'" in text
     assert "dead_group" not in text.split("fine:")[1]
+
+
+def test_findings_are_drawn_on_the_diagnostics_figure(tmp_path, monkeypatch):
+    from jaxstab.report import plots
+
+    drawn = []
+    original = plots._mark_findings
+
+    def spy(axes, found):
+        drawn.append(list(found))
+        original(axes, found)
+
+    monkeypatch.setattr(plots, "_mark_findings", spy)
+
+    def batch(t):
+        return (X * 1e3, Y) if t == 25 else (X, Y)
+
+    report, found = _run(tmp_path, batch=batch, steps=30)
+    assert [f["code"] for f in drawn[0]] == [f["code"] for f in report["findings"]]
+    assert (tmp_path / "run" / "diagnostics.png").stat().st_size > 0
+    assert found["input_jump"]["evidence"]["step"] == 25
