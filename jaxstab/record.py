@@ -64,7 +64,8 @@ class Recorder:
       record_every: keep every ``k``-th step (by step number); the stop checks see every step.
       config: settings copied into the report (``clip``, ``trainable`` and ``frozen`` are
         read by the findings when not given below).
-      clip: the fixed global-norm clip of the optimizer (for the ``always_clipped`` finding).
+      clip: the fixed global-norm clip of the optimizer, for the ``always_clipped`` finding
+        (default: read off ``clip/pre_norm`` and ``clip/scale`` when they are recorded).
       trainable: the groups that train (default all); ``frozen``: groups that must not move.
       replay: called once, under :func:`jaxstab.checks.locate_nonfinite`, with the
         ``replay_args`` of the first step whose loss or gradient is not finite (the

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxstab import stat_names as S
+
 CODES = (
     "always_clipped",
     "dead_group",
@@ -66,6 +68,25 @@ def _groups(table: Mapping[str, Any]) -> list[str]:
 
 def _under(group: str, names: Sequence[str]) -> bool:
     return any(group == n or group.startswith(n + "/") for n in names)
+
+
+def infer_clip(history: Mapping[str, Any] | None) -> float | None:
+    """The fixed clip level of a run, from :func:`jaxstab.clip_by_global_norm`'s statistics
+    (``clip/pre_norm`` × ``clip/scale`` on its clipped steps), or ``None``.
+
+    >>> import numpy as np
+    >>> infer_clip({"clip/pre_norm": np.array([4.0, 0.5]), "clip/scale": np.array([0.25, 1.0]),
+    ...             "clip/clipped": np.array([True, False])})
+    1.0
+    """
+    if history is None or not {S.CLIP_PRE_NORM, S.CLIP_SCALE, S.CLIP_CLIPPED} <= set(history):
+        return None
+    clipped = np.asarray(history[S.CLIP_CLIPPED], bool)
+    level = np.asarray(history[S.CLIP_PRE_NORM], np.float64) * np.asarray(
+        history[S.CLIP_SCALE], np.float64
+    )
+    level = level[clipped & np.isfinite(level)]
+    return float(np.median(level)) if level.size else None
 
 
 def always_clipped(table: Mapping[str, Any], clip: float | None) -> list[dict[str, Any]]:
@@ -307,7 +328,8 @@ def find_findings(
 
     Args:
       table: the gradient table (``total_grad_norm``, ``clipped``, ``grad_norm:<group>``).
-      clip: the fixed global-norm clip of the run, or ``None``.
+      clip: the fixed global-norm clip of the run (default: :func:`infer_clip` of
+        ``history``).
       trainable: the groups that train in this stage (``None``: all).
       history: the recorded statistics (for ``update/param_ratio``).
       suspicious: per step, the flagged input features.
@@ -319,7 +341,7 @@ def find_findings(
     found = [
         *nonfinite_origin(origin, origin_loss_finite),
         *frozen_group_moves(frozen_moves),
-        *always_clipped(table, clip),
+        *always_clipped(table, infer_clip(history) if clip is None else clip),
         *dead_groups(table, trainable),
         *norm_growth(table),
         *input_jump(suspicious, first_anomaly_step),
