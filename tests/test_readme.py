@@ -36,7 +36,7 @@ def _run(code: str, env: dict[str, str] | None = None) -> str:
 
 
 def test_every_block_is_covered():
-    assert len(BLOCKS) == 9  # the user-model block runs in tests/jaxstab/test_plugin.py
+    assert len(BLOCKS) == 10  # the user-model block runs in tests/jaxstab/test_plugin.py
 
 
 def test_safe_math_example():
@@ -87,3 +87,14 @@ def test_sidechain_example():
 def test_genoflow_example():
     out = _run(_block("train_genoflow"))
     assert out.strip().splitlines()[-1] == "(100, 5, 4) (100, 5, 50)"
+
+
+def test_recorder_example_reports_the_finding(tmp_path):
+    import json
+
+    out = _run(_block("jaxstab.Recorder(").replace("runs/my-loop", str(tmp_path / "loop")))
+    assert out.startswith("always_clipped - The clip at 0.1 acted on 300 of 300 steps")
+    report = json.loads((tmp_path / "loop" / "diagnosis_report.json").read_text())
+    assert report["status"] == "ok" and [f["code"] for f in report["findings"]] == [
+        "always_clipped"
+    ]
