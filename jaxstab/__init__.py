@@ -36,6 +36,7 @@ from jaxstab.transforms import (
     zclip,
     zero_nonfinite,
 )
+from jaxstab.transforms.rollback import RollbackState, restore_or_apply, rollback
 
 
 def __getattr__(name: str):
@@ -57,6 +58,7 @@ __all__ = [
     "LogNormsState",
     "ModelEntry",
     "Recorder",
+    "RollbackState",
     "SkipBadStepsState",
     "Stage",
     "ZClipState",
@@ -70,6 +72,8 @@ __all__ = [
     "log_norms",
     "loss_scale",
     "read_stats",
+    "restore_or_apply",
+    "rollback",
     "skip_bad_steps",
     "stability_guard",
     "train_only",
