@@ -82,7 +82,12 @@ def test_cross_attention_scales_by_the_query_size_not_the_gene_count():
     assert q.shape[-1] == width and genes.shape[0] == G != width
     context = jax.nn.softmax(q @ genes.T / np.sqrt(width), axis=-1) @ genes
     got = jn.dot_product_attention(q[None, :, None], genes[None, :, None], genes[None, :, None])
-    np.testing.assert_allclose(np.asarray(got[0, :, 0]), np.asarray(context), rtol=1e-5)
+    # An absolute floor at 1e-6 of the largest entry: entries near zero differ by float32
+    # rounding between the fused and the spelled-out softmax.
+    floor = 1e-6 * float(np.abs(np.asarray(context)).max())
+    np.testing.assert_allclose(
+        np.asarray(got[0, :, 0]), np.asarray(context), rtol=1e-5, atol=floor
+    )
     wrong = jax.nn.softmax(q @ genes.T / np.sqrt(G), axis=-1) @ genes
     assert not np.allclose(np.asarray(context), np.asarray(wrong), rtol=1e-3)
 
