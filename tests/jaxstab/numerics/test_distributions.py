@@ -64,6 +64,21 @@ def test_nb_extremes_finite_and_accurate(mu, theta):
     np.testing.assert_allclose(g_mu, ref_g_mu, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(("lo", "hi"), [(1e-3, 1.0), (1.0, 100.0), (100.0, 1e4), (1e4, 1e5)])
+def test_nb_float32_largest_error_on_nb_counts(lo, hi):
+    # NB-sampled counts (0 to 1e5) over a decade range of means and θ in 1e-2 … 1e4: the
+    # largest relative error against scipy at the float32-rounded inputs stays ≤ 2e-5.
+    rng = np.random.default_rng(int(np.log10(lo) + 10))
+    n = 20_000
+    mu = np.float32(np.exp(rng.uniform(np.log(lo), np.log(hi), n)))
+    th = np.float32(np.exp(rng.uniform(np.log(1e-2), np.log(1e4), n)))
+    x = np.minimum(rng.negative_binomial(th, th / (th + mu)), 100_000).astype(np.float32)
+    got = np.asarray(jax.jit(N.nb_log_prob)(x, mu, th), np.float64)
+    ref = _nb_ref(x.astype(np.float64), mu.astype(np.float64), th.astype(np.float64))
+    rel = np.abs(got - ref) / np.maximum(np.abs(ref), 1e-30)
+    assert np.isfinite(got).all() and rel.max() <= 2e-5, rel.max()
+
+
 def test_nb_float64_matches_scipy_tightly():
     x = np.array([0.0, 1.0, 7.0, 40.0, 1000.0])
     mu = np.array([0.3, 2.5, 7.0, 100.0, 900.0])
