@@ -217,21 +217,28 @@ class TreeStats(NamedTuple):
 _NONZERO_SCALE = 2.0**126  # maps the smallest normal float32 to 1
 
 
-def _fast_leaf(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    # The per-step path: three plain reductions that XLA vectorizes well on CPU (compare
-    # and select ops inside a reduction do not; see benchmarks/bench_overhead.py). Valid
-    # when the leaf is finite: a NaN/Inf makes ``sumsq`` non-finite, which sends the
-    # whole tree to ``_exact_leaf``. ``sumsq`` is the same ``jnp.sum`` optax uses, hence
-    # bit-identical norms. The non-zero count is a float32 sum of ceil(min(|x|·2**126, 1)),
-    # 1 for every non-zero entry (also subnormal ones) and 0 for zeros, without compare
-    # or sign ops (3-5x slower inside a CPU reduction); exact up to 2**24 entries per leaf.
-    # The optimization barrier keeps XLA from merging the count with the two other
-    # reductions into one multi-output reduction, which on CPU is ~3x slower than the
-    # separate ones.
+def _fast_leaf(
+    x: jax.Array, max_abs: bool = True, zeros: bool = True
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    # The per-step path: plain reductions that XLA vectorizes well on CPU (compare and
+    # select ops inside a reduction do not; see benchmarks/bench_overhead.py). Valid when
+    # the leaf is finite: a NaN/Inf makes ``sumsq`` non-finite, which sends the whole tree
+    # to ``_exact_leaf`` (so the NaN/Inf counts need no pass of their own). ``sumsq`` is
+    # the same ``jnp.sum`` optax uses, hence bit-identical norms; it is the only pass when
+    # ``max_abs`` and ``zeros`` are not asked for. The non-zero count is a float32 sum of
+    # ceil(min(|x|·2**126, 1)), 1 for every non-zero entry (also subnormal ones) and 0 for
+    # zeros, without compare or sign ops (3-5x slower inside a CPU reduction); exact up to
+    # 2**24 entries per leaf. The optimization barrier keeps XLA from merging the count
+    # with the other reductions into one multi-output reduction, which on CPU is ~3x
+    # slower than the separate ones.
     xf = x.astype(_acc_dtype(x.dtype))
-    xb = lax.optimization_barrier(xf)
-    nonzero = jnp.sum(jnp.ceil(jnp.minimum(jnp.abs(xb) * _NONZERO_SCALE, 1.0)))
-    return jnp.sum(jnp.square(xf)), jnp.max(jnp.abs(xf), initial=0), nonzero
+    sumsq = jnp.sum(jnp.square(xf))
+    mx = jnp.max(jnp.abs(xf), initial=0) if max_abs else None
+    nonzero = None
+    if zeros:
+        xb = lax.optimization_barrier(xf)
+        nonzero = jnp.sum(jnp.ceil(jnp.minimum(jnp.abs(xb) * _NONZERO_SCALE, 1.0)))
+    return sumsq, mx, nonzero
 
 
 def _exact_leaf(x: jax.Array) -> tuple[jax.Array, ...]:
@@ -251,26 +258,38 @@ def _exact_leaf(x: jax.Array) -> tuple[jax.Array, ...]:
     return scale, sumsq, max_abs, count(jnp.isnan(xf)), count(jnp.isinf(xf)), count(xf == 0)
 
 
-def tree_stats(tree: Any, axis_name: str | None = None, *, full: bool = True) -> TreeStats:
+def tree_stats(
+    tree: Any,
+    axis_name: str | None = None,
+    *,
+    full: bool = True,
+    max_abs: bool | None = None,
+    zeros: bool | None = None,
+) -> TreeStats:
     """Per-leaf statistics of ``tree``; reduced over ``axis_name`` when given.
 
-    On a finite step this costs three vectorized reductions per leaf; only when a leaf
-    holds a NaN/Inf (or its float32 sum of squares overflows) does a ``lax.cond`` take
-    the slower exact path (masked norms, NaN/Inf counts, rescaled sums of squares).
+    On a finite step this costs one vectorized reduction per leaf (the sum of squares),
+    plus one each for ``max_abs`` and ``zeros`` when asked for; only when a leaf holds a
+    NaN/Inf (or its float32 sum of squares overflows) does a ``lax.cond`` take the slower
+    exact path (masked norms, max-abs, NaN/Inf/zero counts, rescaled sums of squares).
+    The NaN/Inf counts of a finite step are 0 without a pass of their own: a non-finite
+    entry makes its leaf's sum of squares non-finite.
 
     Under ``shard_map``/``pmap`` each replica holds a slice of every leaf: sums and counts
     are ``psum``-med and maxima ``pmax``-ed, so every replica sees identical statistics
     and takes the same branch.
 
-    With ``full=False`` a finite step computes only the sums of squares (one reduction
-    per leaf, what a norm needs); ``max_abs`` and ``zeros`` are then only valid on the
-    exact path, so read only the norms and the NaN/Inf counts from such a result.
+    ``max_abs`` and ``zeros`` (default: ``full``) choose whether a finite step computes
+    the per-leaf max-abs and zero count; a field not computed is only valid on the exact
+    path, so read only the norms and the NaN/Inf counts from such a result.
 
     >>> import jax.numpy as jnp
     >>> s = tree_stats({"a": jnp.array([3.0, 4.0, jnp.nan]), "b": jnp.zeros(2)})
     >>> s.sumsq.tolist(), s.nan.tolist(), s.zeros.tolist()
     ([25.0, 0.0], [1, 0], [0, 2])
     """
+    want_max = full if max_abs is None else bool(max_abs)
+    want_zeros = full if zeros is None else bool(zeros)
     leaves = [jnp.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
     if not leaves:
         z = jnp.zeros((0,), jnp.float32)
@@ -278,21 +297,25 @@ def tree_stats(tree: Any, axis_name: str | None = None, *, full: bool = True) ->
         return TreeStats(z, z, z, zi, zi, zi, zi)
     acc = jnp.result_type(*[_acc_dtype(x.dtype) for x in leaves])
     size = jnp.array([x.size for x in leaves], jnp.int32)
-    if full:
-        fast = [_fast_leaf(x) for x in leaves]
-    else:
-        fast = [(jnp.sum(jnp.square(x.astype(_acc_dtype(x.dtype)))), 0, 0) for x in leaves]
-    sumsq = jnp.stack([jnp.asarray(f[0]).astype(acc) for f in fast])
-    max_abs = jnp.stack([jnp.asarray(f[1]).astype(acc) for f in fast])
-    nonzero = jnp.stack([jnp.asarray(f[2]).astype(acc) for f in fast])
+    fast = [_fast_leaf(x, want_max, want_zeros) for x in leaves]
+    col = lambda i: jnp.stack([jnp.asarray(f[i]).astype(acc) for f in fast])
+    sumsq = col(0)
+    max_abs_v = col(1) if want_max else None
+    nonzero = col(2) if want_zeros else None
     if axis_name is not None:
-        sumsq, nonzero, size = lax.psum((sumsq, nonzero, size), axis_name)
-        max_abs = lax.pmax(max_abs, axis_name)
+        if want_zeros:
+            sumsq, nonzero, size = lax.psum((sumsq, nonzero, size), axis_name)
+        else:
+            sumsq, size = lax.psum((sumsq, size), axis_name)
+        if want_max:
+            max_abs_v = lax.pmax(max_abs_v, axis_name)
+    if not want_max:  # after the psum: replicated, as the exact path's
+        max_abs_v = jnp.zeros_like(sumsq)
 
     def fast_path(_: Any) -> TreeStats:
-        zeros = size - jnp.round(nonzero).astype(jnp.int32)
         none = jnp.zeros_like(size)
-        return TreeStats(jnp.ones_like(sumsq), sumsq, max_abs, none, none, zeros, size)
+        zeros_v = size - jnp.round(nonzero).astype(jnp.int32) if want_zeros else none
+        return TreeStats(jnp.ones_like(sumsq), sumsq, max_abs_v, none, none, zeros_v, size)
 
     def exact_path(_: Any) -> TreeStats:
         ex = [_exact_leaf(x) for x in leaves]

@@ -10,7 +10,7 @@ import optax
 
 from jaxstab import stat_names as S
 from jaxstab.transforms import _groups
-from jaxstab.transforms.clip_by_global_norm import clip_leaf
+from jaxstab.transforms.clip_by_global_norm import Scaler
 
 
 class AutoClipState(NamedTuple):
@@ -92,14 +92,7 @@ def autoclip(
 
     def init_fn(params: Any) -> AutoClipState:
         del params
-        f = jnp.zeros((), jnp.float32)
-        return AutoClipState(
-            jnp.zeros((history,), jnp.float32),
-            jnp.zeros((), jnp.int32),
-            f,
-            f,
-            jnp.zeros((), jnp.bool_),
-        )
+        return autoclip_init(history)
 
     def update_fn(
         updates: Any, state: AutoClipState, params: Any = None
@@ -107,14 +100,34 @@ def autoclip(
         del params
         updates = _groups.as_float_updates(updates)
         ts = _groups.tree_stats(updates, axis_name, full=False)
-        g = _groups.global_norm(ts).astype(jnp.float32)
-        finite = _groups.all_finite(ts)
-        pos = state.count % history
-        norms = jnp.where(finite, state.norms.at[pos].set(g), state.norms)
-        count = state.count + finite.astype(jnp.int32)
-        tau = percentile_of_buffer(norms, jnp.minimum(count, history), percentile)
-        clip = finite & (g > tau)
-        out = jax.tree.map(lambda x: clip_leaf(x, g, tau, clip), updates)
-        return out, _groups.keep_dtypes(AutoClipState(norms, count, tau, g, clip), state)
+        g = _groups.global_norm(ts)
+        new_state, scaler = autoclip_step(state, g, _groups.all_finite(ts), percentile)
+        return jax.tree.map(scaler.apply, updates), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def autoclip_init(history: int) -> AutoClipState:
+    """The initial :class:`AutoClipState` with a ``[history]`` ring buffer."""
+    f = jnp.zeros((), jnp.float32)
+    return AutoClipState(
+        jnp.zeros((history,), jnp.float32), jnp.zeros((), jnp.int32), f, f, jnp.zeros((), jnp.bool_)
+    )
+
+
+def autoclip_step(
+    state: AutoClipState,
+    norm: jax.Array,
+    finite: jax.Array,
+    percentile: jax.typing.ArrayLike = 10.0,
+) -> tuple[AutoClipState, Scaler]:
+    """:func:`autoclip` on a precomputed global ``norm`` and finiteness: state, decision."""
+    history = state.norms.shape[0]
+    g = norm.astype(jnp.float32)
+    pos = state.count % history
+    norms = jnp.where(finite, state.norms.at[pos].set(g), state.norms)
+    count = state.count + finite.astype(jnp.int32)
+    tau = percentile_of_buffer(norms, jnp.minimum(count, history), percentile)
+    clip = finite & (g > tau)
+    new_state = _groups.keep_dtypes(AutoClipState(norms, count, tau, g, clip), state)
+    return new_state, Scaler(g, tau, clip)

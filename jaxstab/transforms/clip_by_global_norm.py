@@ -47,6 +47,43 @@ def clip_leaf(
     return jnp.where(clip, scaled, x)
 
 
+class Scaler(NamedTuple):
+    """One clipper's decision: ``clip_leaf(x, norm, target, clip)`` for every leaf.
+
+    The clippers compute it from the norm alone (a scalar), so that
+    :func:`jaxstab.stability_guard` can apply several of them leaf by leaf inside the
+    inner update's own elementwise loops, without a pass over the gradient of their own.
+    """
+
+    norm: jax.Array
+    target: jax.typing.ArrayLike
+    clip: jax.Array
+
+    def apply(self, x: jax.Array) -> jax.Array:
+        return clip_leaf(x, self.norm, self.target, self.clip)
+
+    def post_norm(self) -> jax.Array:
+        """The norm (of the finite entries) after :meth:`apply`, without a pass.
+
+        ``target`` where clipped (``0`` for an infinite norm: ``x / inf`` is 0), else
+        ``norm``; equal to recomputing the norm of the clipped gradient up to rounding.
+        """
+        target = jnp.asarray(self.target, self.norm.dtype)
+        clipped = jnp.where(jnp.isinf(self.norm), jnp.zeros_like(target), target)
+        return jnp.where(self.clip, clipped, self.norm)
+
+
+def clip_step(
+    norm: jax.Array, max_norm: jax.typing.ArrayLike
+) -> tuple[ClipByGlobalNormState, Scaler]:
+    """:func:`clip_by_global_norm` on a precomputed global ``norm``: new state, decision."""
+    clip = norm >= max_norm  # optax keeps the update when norm < max_norm
+    scale = jnp.where(clip, max_norm / jnp.where(clip, norm, 1), 1.0)
+    f32 = jnp.float32
+    state = ClipByGlobalNormState(norm.astype(f32), scale.astype(f32), clip)
+    return state, Scaler(norm, max_norm, clip)
+
+
 def clip_by_global_norm(
     max_norm: jax.typing.ArrayLike, *, axis_name: str | None = None
 ) -> optax.GradientTransformation:
@@ -87,10 +124,7 @@ def clip_by_global_norm(
         del params, state  # the state is only written (optax.EmptyState() works too)
         updates = _groups.as_float_updates(updates)
         norm = _groups.global_norm(_groups.tree_stats(updates, axis_name, full=False))
-        clip = norm >= max_norm  # optax keeps the update when norm < max_norm
-        out = jax.tree.map(lambda x: clip_leaf(x, norm, max_norm, clip), updates)
-        scale = jnp.where(clip, max_norm / jnp.where(clip, norm, 1), 1.0)
-        f32 = jnp.float32
-        return out, ClipByGlobalNormState(norm.astype(f32), scale.astype(f32), clip)
+        new_state, scaler = clip_step(norm, max_norm)
+        return jax.tree.map(scaler.apply, updates), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -73,7 +73,7 @@ def clip_by_group_norm(
         del params, state  # the state is only written
         updates = _groups.as_float_updates(updates)
         groups, members = _groups.group_layout(updates, group_depth)
-        ts = _groups.tree_stats(updates, axis_name)
+        ts = _groups.tree_stats(updates, axis_name, full=False)  # norms only
         leaves, treedef = jax.tree_util.tree_flatten(updates)
         out = list(leaves)
         norms, clipped = {}, {}

@@ -10,7 +10,7 @@ import optax
 
 from jaxstab import stat_names as S
 from jaxstab.transforms import _groups
-from jaxstab.transforms.clip_by_global_norm import clip_leaf
+from jaxstab.transforms.clip_by_global_norm import Scaler
 
 _EPS = 1e-12
 
@@ -93,50 +93,63 @@ def zclip(
 
     def init_fn(params: Any) -> ZClipState:
         del params
-        f = jnp.zeros((), jnp.float32)
-        return ZClipState(
-            jnp.zeros((), jnp.int32),
-            f,
-            f,
-            f,
-            f,
-            jnp.zeros((), jnp.bool_),
-            jnp.ones((), jnp.float32),
-        )
+        return zclip_init()
 
     def update_fn(updates: Any, state: ZClipState, params: Any = None) -> tuple[Any, ZClipState]:
         del params
         updates = _groups.as_float_updates(updates)
         ts = _groups.tree_stats(updates, axis_name, full=False)
-        g = _groups.global_norm(ts).astype(jnp.float32)
-        finite = _groups.all_finite(ts)
-        warm = state.count >= warmup_steps
-        std = jnp.sqrt(state.var)
-        z = jnp.where(warm, (g - state.mean) / jnp.maximum(std, _EPS), 0.0)
-        clip = warm & finite & (z > z_threshold)
-        g_star = jnp.where(clip, state.mean + z_threshold * std, g)
-        out = jax.tree.map(lambda x: clip_leaf(x, g, g_star, clip), updates)
-
-        # Warm-up: Welford's running mean and population variance.
-        n = (state.count + 1).astype(jnp.float32)
-        delta = g - state.mean
-        w_mean = state.mean + delta / n
-        w_var = state.var + (delta * (g - w_mean) - state.var) / n
-        # After warm-up: EMA of the clipped norm.
-        e_mean = alpha * state.mean + (1 - alpha) * g_star
-        e_var = alpha * state.var + (1 - alpha) * (g_star - e_mean) ** 2
-        new_mean = jnp.where(warm, e_mean, w_mean)
-        new_var = jnp.where(warm, e_var, w_var)
-        scale = jnp.where(clip, g_star / jnp.where(clip, g, 1.0), 1.0)
-        new_state = ZClipState(
-            count=state.count + finite.astype(jnp.int32),
-            mean=jnp.where(finite, new_mean, state.mean),
-            var=jnp.where(finite, new_var, state.var),
-            pre_norm=g,
-            z=z,
-            clipped=clip,
-            scale=scale,
+        g = _groups.global_norm(ts)
+        new_state, scaler = zclip_step(
+            state, g, _groups.all_finite(ts), alpha, z_threshold, warmup_steps
         )
-        return out, _groups.keep_dtypes(new_state, state)
+        return jax.tree.map(scaler.apply, updates), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def zclip_init() -> ZClipState:
+    """The initial :class:`ZClipState`."""
+    f = jnp.zeros((), jnp.float32)
+    return ZClipState(
+        jnp.zeros((), jnp.int32), f, f, f, f, jnp.zeros((), jnp.bool_), jnp.ones((), jnp.float32)
+    )
+
+
+def zclip_step(
+    state: ZClipState,
+    norm: jax.Array,
+    finite: jax.Array,
+    alpha: jax.typing.ArrayLike = 0.97,
+    z_threshold: jax.typing.ArrayLike = 2.5,
+    warmup_steps: jax.typing.ArrayLike = 25,
+) -> tuple[ZClipState, Scaler]:
+    """:func:`zclip` on a precomputed global ``norm`` and finiteness: new state, decision."""
+    g = norm.astype(jnp.float32)
+    warm = state.count >= warmup_steps
+    std = jnp.sqrt(state.var)
+    z = jnp.where(warm, (g - state.mean) / jnp.maximum(std, _EPS), 0.0)
+    clip = warm & finite & (z > z_threshold)
+    g_star = jnp.where(clip, state.mean + z_threshold * std, g)
+
+    # Warm-up: Welford's running mean and population variance.
+    n = (state.count + 1).astype(jnp.float32)
+    delta = g - state.mean
+    w_mean = state.mean + delta / n
+    w_var = state.var + (delta * (g - w_mean) - state.var) / n
+    # After warm-up: EMA of the clipped norm.
+    e_mean = alpha * state.mean + (1 - alpha) * g_star
+    e_var = alpha * state.var + (1 - alpha) * (g_star - e_mean) ** 2
+    new_mean = jnp.where(warm, e_mean, w_mean)
+    new_var = jnp.where(warm, e_var, w_var)
+    scale = jnp.where(clip, g_star / jnp.where(clip, g, 1.0), 1.0)
+    new_state = ZClipState(
+        count=state.count + finite.astype(jnp.int32),
+        mean=jnp.where(finite, new_mean, state.mean),
+        var=jnp.where(finite, new_var, state.var),
+        pre_norm=g,
+        z=z,
+        clipped=clip,
+        scale=scale,
+    )
+    return _groups.keep_dtypes(new_state, state), Scaler(g, g_star, clip)

@@ -63,11 +63,26 @@ def zero_nonfinite(
         updates = _groups.as_float_updates(updates)
         groups, members = _groups.group_layout(updates, group_depth)
         ts = _groups.tree_stats(updates, axis_name, full=False)
-        bad = ts.nan + ts.inf
-        count = {g: _groups.group_sum(bad, idx) for g, idx in zip(groups, members, strict=True)}
-        any_bad = jnp.sum(bad) > 0
-        out = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x)), updates)
-        new_state = ZeroNonfiniteState(count, state.total + any_bad.astype(jnp.int32))
-        return out, _groups.keep_dtypes(new_state, state)
+        out = jax.tree.map(zero_leaf, updates)
+        return out, zero_nonfinite_step(state, ts, groups, members)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def zero_leaf(x: jax.Array) -> jax.Array:
+    """``x`` with its NaN, +Inf and -Inf entries replaced by 0 (a selection)."""
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
+
+
+def zero_nonfinite_step(
+    state: ZeroNonfiniteState,
+    ts: _groups.TreeStats,
+    groups: list[str],
+    members: list[list[int]],
+) -> ZeroNonfiniteState:
+    """The new state from the gradient's statistics and group layout."""
+    bad = ts.nan + ts.inf
+    count = {g: _groups.group_sum(bad, idx) for g, idx in zip(groups, members, strict=True)}
+    any_bad = jnp.sum(bad) > 0
+    new_state = ZeroNonfiniteState(count, state.total + any_bad.astype(jnp.int32))
+    return _groups.keep_dtypes(new_state, state)
