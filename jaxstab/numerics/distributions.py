@@ -170,9 +170,7 @@ def _stirling_remainder(
 
     def slope() -> jax.Array:
         inv_sum = sum(1 / (s + k) for k in range(1, shift))
-        extra = (
-            log_ratio - shift * (s + 0.5) * inv_s * inv_b + (shift - 1) * inv_b - inv_sum
-        )
+        extra = log_ratio - shift * (s + 0.5) * inv_s * inv_b + (shift - 1) * inv_b - inv_sum
         return series_slope() + jnp.where(small, extra, 0)
 
     return partial, jnp.where(small, num, one), jnp.where(small, den, one), slope
