@@ -63,6 +63,19 @@ def _run_options() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
+        "--devices",
+        metavar="N",
+        help="data-parallel training on N devices, or 'all' (every local device; with "
+        "--distributed every device of every process): each batch is split evenly over "
+        "them, so --batch-size must divide by N (default: 1; with --distributed: all)",
+    )
+    p.add_argument(
+        "--shard-params",
+        action="store_true",
+        help="with --devices, shard parameters and optimizer state over the devices "
+        "(FSDP-style) instead of replicating them",
+    )
+    p.add_argument(
         "--control",
         metavar="LABEL",
         help="the control (unperturbed) label of the --data file (default: recognised by "
@@ -109,10 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--output-dir", help="run directory (default: runs/<model>-train)")
     t.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one process per host: call jax.distributed.initialize() first (it finds the "
+        "cluster on Cloud TPU, Slurm, Open MPI and Kubernetes; elsewhere give "
+        "--coordinator, --num-processes and --process-id); run the same command on every host, "
+        "with an --output-dir that every host sees",
+    )
+    t.add_argument("--coordinator", metavar="HOST:PORT", help="with --distributed: process 0")
+    t.add_argument("--num-processes", type=int, help="with --distributed: how many processes")
+    t.add_argument("--process-id", type=int, help="with --distributed: this process's rank")
+    t.add_argument(
         "--resume",
         action="store_true",
         help="continue from the latest verified checkpoint (an error when there is none); "
-        "only --epochs, --steps-per-call and --no-progress may differ from the first run",
+        "only --epochs, --steps-per-call, --no-progress and the device options (--devices, "
+        "--shard-params, --distributed) may differ from the first run",
     )
 
     c = sub.add_parser(
@@ -141,11 +166,48 @@ def _overrides(args: argparse.Namespace) -> dict:
     }
 
 
+def _mesh(devices: int | str, batch_size: int, shard_params: bool):
+    """The run's data mesh, or ``None`` for one device; ``ValueError`` when the batch does not
+    divide by the device count (checked before the devices are looked at) or when there are
+    too few devices."""
+    import jax
+
+    from jaxstab.train import mesh as placement
+
+    if isinstance(devices, int) and batch_size % devices:
+        raise ValueError(
+            f"--batch-size {batch_size} does not divide by --devices {devices}: every device "
+            "takes an equal share of each batch"
+        )
+    if jax.process_count() > 1 and devices not in ("all", jax.device_count()):
+        raise ValueError(
+            f"--devices {devices}: with --distributed every process trains on all "
+            f"{jax.device_count()} devices together; use --devices all"
+        )
+    if devices == 1 or (devices == "all" and jax.device_count() == 1 and not shard_params):
+        return None
+    mesh = placement.data_mesh(devices)
+    placement.check_mesh(mesh, batch_size)
+    return mesh
+
+
+def _initialize_distributed(args: argparse.Namespace) -> None:
+    import jax
+
+    options = {
+        "coordinator_address": args.coordinator,
+        "num_processes": args.num_processes,
+        "process_id": args.process_id,
+    }
+    jax.distributed.initialize(**{k: v for k, v in options.items() if v is not None})
+
+
 def _run(args: argparse.Namespace) -> int:
     # Imported here so that --help and --version stay fast.
     from jaxstab import diagnose as diag
     from jaxstab import plugin, registry
     from jaxstab.rundir import RunDirError
+    from jaxstab.train import mesh as placement
 
     flags = {
         "total_warning": getattr(args, "warn_norm", None),
@@ -155,6 +217,10 @@ def _run(args: argparse.Namespace) -> int:
     }
     try:
         plugin.check_settings({"steps_per_call": args.steps_per_call, **flags})
+        distributed = getattr(args, "distributed", False)
+        devices = placement.parse_devices(args.devices or ("all" if distributed else "1"))
+        if args.shard_params and devices == 1:
+            raise ValueError("--shard-params needs --devices N (N > 1) or --devices all")
         entry = registry.get(args.model)
         suffix = "diagnosis" if args.command == "diagnose" else "train"
         out = args.output_dir or os.path.join("runs", f"{entry.name}-{suffix}")
@@ -171,18 +237,23 @@ def _run(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             control=args.control,
         )
+        mesh = _mesh(devices, int(job.config["batch_size"]), args.shard_params)
     except RunDirError as e:
         return _error(str(e))
     except KeyError as e:
         return _error(e.args[0] if e.args else str(e))
     except (OSError, ValueError, TypeError) as e:
         return _error(f"{type(e).__name__}: {e}")
+    # Every process has checked the output folder before process 0 writes into it.
+    placement.sync_processes("jaxstab: output folder checked")
     for message in job.dataset.meta.get("warnings", ()):
         print(f"jaxstab: warning: {message}", file=sys.stderr)
     common = {
         "guard": not args.no_guard,
         "steps_per_call": args.steps_per_call,
         "progress": not args.no_progress,
+        "mesh": mesh,
+        "shard_params": args.shard_params,
     }
     if args.command == "diagnose":
         th = plugin.thresholds(job.entry, job.config, **flags)
@@ -215,6 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:
             return _error(str(e))
         return 0
+    explicit = [getattr(args, k, None) for k in ("coordinator", "num_processes", "process_id")]
+    distributed = getattr(args, "distributed", False)
+    if not distributed and any(v is not None for v in explicit):
+        return _error("--coordinator, --num-processes and --process-id need --distributed")
+    if distributed:  # before anything touches a JAX backend
+        try:
+            _initialize_distributed(args)
+        except (RuntimeError, ValueError, TypeError) as e:
+            return _error(f"--distributed: {e}".replace("\n", " "))
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
         return _run(args)

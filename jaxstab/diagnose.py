@@ -30,6 +30,7 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from rich.console import Console
 
 import jaxstab
@@ -41,6 +42,7 @@ from jaxstab.report import plots, report_json, tables
 from jaxstab.report.thresholds import Thresholds
 from jaxstab.train import FitResult, fit
 from jaxstab.train.checkpoint import CheckpointError
+from jaxstab.train.mesh import sync_processes
 from jaxstab.train.stages import gate_gradient_flow, stage_optimizer
 
 ARTIFACTS = (
@@ -212,6 +214,8 @@ def _train(
     steps_per_call: int | None,
     resume: bool = False,
     model: nnx.Module | None = None,
+    mesh: Mesh | None = None,
+    shard_params: bool = False,
 ) -> FitResult:
     cfg = job.config
     if model is None:
@@ -240,6 +244,8 @@ def _train(
         record=record,
         progress=progress,
         batch_stats_fn=job.entry.feature_stats if record else None,
+        mesh=mesh,
+        shard_params=shard_params,
     )
 
 
@@ -296,8 +302,12 @@ def diagnose(
     steps_per_call: int | None = None,
     progress: bool = True,
     console: Console | None = None,
+    mesh: Mesh | None = None,
+    shard_params: bool = False,
 ) -> dict[str, Any]:
     """Trains with every step recorded and writes the report files; returns the report.
+
+    ``mesh`` and ``shard_params`` go to :func:`jaxstab.train.fit` (data-parallel training).
 
     Everything is written into a hidden sibling folder and moved into ``job.output_dir`` only
     when complete, so an interrupted run leaves an earlier report as it was; the earlier
@@ -322,6 +332,8 @@ def diagnose(
             checkpoint_dir=os.path.join(tmp, "checkpoints"),
             progress=progress,
             steps_per_call=steps_per_call,
+            mesh=mesh,
+            shard_params=shard_params,
         )
         report = write_artifacts(
             tmp, result, config=config, thresholds=thresholds, params_before=before
@@ -362,8 +374,13 @@ def train(
     resume: bool = False,
     progress: bool = True,
     console: Console | None = None,
+    mesh: Mesh | None = None,
+    shard_params: bool = False,
 ) -> dict[str, Any]:
     """Trains without per-step recording; keeps orbax checkpoints and ``train_summary.json``.
+
+    ``mesh`` and ``shard_params`` go to :func:`jaxstab.train.fit` (data-parallel training;
+    a run may resume on another number of devices).
 
     The run marker ``jaxstab_run.json`` is written before the first step, so a killed run can
     be continued with ``resume=True``: other data or another setting than the first run's
@@ -378,11 +395,15 @@ def train(
     if resume:
         first = rundir.read_marker(job.output_dir) or {}
         rundir.check_resume(first, report_json.jsonable(config), job.data_fingerprint)
-    if job.overwrite and not resume and os.path.isdir(job.output_dir):
+    # With several processes (jax.distributed) process 0 alone writes the run's own files;
+    # orbax coordinates the checkpoints.
+    primary = jax.process_index() == 0
+    if job.overwrite and not resume and os.path.isdir(job.output_dir) and primary:
         rundir.remove_owned(job.output_dir)
     os.makedirs(job.output_dir, exist_ok=True)
-    if not resume:
+    if not resume and primary:
         rundir.write_marker(job.output_dir, _marker(job, "train", config))
+    sync_processes("jaxstab train: run directory ready")
     result = _train(
         job._replace(config=config),
         guard=guard,
@@ -391,6 +412,8 @@ def train(
         progress=progress,
         steps_per_call=steps_per_call,
         resume=resume,
+        mesh=mesh,
+        shard_params=shard_params,
     )
     summary = report_json.jsonable(
         {
@@ -405,9 +428,10 @@ def train(
             "config": config,
         }
     )
-    tmp = os.path.join(job.output_dir, ".train_summary.json.tmp")
-    report_json.write_report(tmp, summary)
-    os.replace(tmp, os.path.join(job.output_dir, "train_summary.json"))
+    if primary:
+        tmp = os.path.join(job.output_dir, ".train_summary.json.tmp")
+        report_json.write_report(tmp, summary)
+        os.replace(tmp, os.path.join(job.output_dir, "train_summary.json"))
     console.print(
         f"{result.status}: {result.steps} steps, {result.epochs} epochs, "
         f"best metric {result.best_metric:.4g}; checkpoints in {job.output_dir}/checkpoints"

@@ -10,6 +10,12 @@ and which orbax can read, and names every newer step it passed over in
 the manifest, counts as unverified). When no step verifies, it raises
 :class:`CheckpointError`.
 
+Restored arrays take the sharding of the template's leaves (the mesh of the resuming run), so
+a checkpoint written on N devices restores on M. With several processes
+(``jax.distributed.initialize()``) every process calls the same methods on the same
+(shared) directory; orbax writes each array shard from the process that holds it, and
+process 0 alone writes the manifests.
+
 A checkpoint holds every leaf of ``(params, opt_state, rest)`` (typed PRNG keys stored as key
 data), the per-step history so far and a JSON record (epoch, step, best metric, run key), i.e.
 everything needed to continue a run so that it ends bit for bit where the uninterrupted run
@@ -35,6 +41,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxstab.train.mesh import sync_processes
 
 KINDS = ("latest", "best")
 KEEP_LATEST = 3
@@ -80,8 +88,11 @@ def _to_savable(leaf: Any) -> Any:
 
 
 def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:
+    # The template's own sharding is the target: a checkpoint written on N devices restores
+    # onto the template's mesh (or single device), whatever N was.
     leaf = _to_savable(leaf)
-    return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype)
+    sharding = leaf.sharding if isinstance(leaf, jax.Array) else None
+    return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
 
 
 def _sha256(path: str) -> str:
@@ -213,7 +224,10 @@ class CheckpointStore:
             items["history"] = ocp.args.StandardSave([np.asarray(history[k]) for k in names])
         manager.save(step, args=ocp.args.Composite(**items), force=True)
         manager.wait_until_finished()
-        write_manifest(self.step_dir(kind, step))
+        if jax.process_index() == 0:
+            write_manifest(self.step_dir(kind, step))
+        # No process reads a step before its manifest is there.
+        sync_processes(f"jaxstab manifest {kind}/{step}")
 
     def drop_after(self, kind: str, step: int) -> None:
         """Deletes every ``kind`` step newer than ``step`` (unverified leftovers)."""

@@ -24,6 +24,7 @@ way ``kill -9`` would end it (no cleanup runs); the crash-and-resume tests use i
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable, Mapping
@@ -34,8 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxstab.train import batching
+from jaxstab.train import mesh as placement
 from jaxstab.train.checkpoint import CheckpointError, CheckpointStore, CheckpointWarning
 from jaxstab.train.progress import TrainProgress
 from jaxstab.train.recorder import Recorder
@@ -43,6 +46,7 @@ from jaxstab.train.step import (
     RUNNING,
     STATUS_NAMES,
     Carry,
+    carry_shardings,
     make_chunk_fn,
     make_eval_fn,
 )
@@ -78,6 +82,14 @@ class FitResult(NamedTuple):
 
 
 _permutation = jax.jit(batching.epoch_permutation, static_argnums=2)
+
+
+@functools.lru_cache(maxsize=8)
+def _permutation_on(mesh: Mesh) -> Callable:
+    # Every device of the mesh (every process) computes the same permutation, replicated.
+    return jax.jit(
+        batching.epoch_permutation, static_argnums=2, out_shardings=placement.replicated(mesh)
+    )
 
 
 def _copy(tree: Any) -> Any:
@@ -116,6 +128,8 @@ def fit(
     progress: bool = False,
     batch_stats_fn: Callable[[Mapping[str, jax.Array]], dict] | None = None,
     halt_on_nonfinite: bool = True,
+    mesh: Mesh | None = None,
+    shard_params: bool = False,
 ) -> FitResult:
     """Trains ``model`` on ``data`` with ``tx``; see the module docstring for an example.
 
@@ -147,14 +161,28 @@ def fit(
       progress: draw a rich progress bar on stderr.
       batch_stats_fn: with ``record``, ``batch -> {name: scalar}`` kept as ``input/<name>``.
       halt_on_nonfinite: stop when the loss is non-finite.
+      mesh: data-parallel training over the mesh's ``data`` axis (see
+        :mod:`jaxstab.train.mesh`; e.g. ``jaxstab.train.mesh.data_mesh("all")``): the data
+        sets live on the devices with their examples sharded over ``data``, every batch is
+        split evenly over it, and parameters and optimizer state are replicated. The run is
+        the same computation as on one device (the same batches, keys and schedule; global
+        gradient norms, batch statistics and skip decisions), up to the order of floating
+        point reductions. ``batch_size`` must divide by the number of devices along
+        ``data`` (``ValueError`` before any step). Checkpoints restore onto any mesh.
+      shard_params: with ``mesh``, shard parameters and optimizer state over ``data`` too
+        (FSDP-style: each array along its largest dimension that the device count divides;
+        the others replicated), for models that do not fit on one device.
 
     Returns:
       A :class:`FitResult`.
     """
     _check_args(batch_size, epochs, steps_per_call)
+    if mesh is not None:
+        mesh = placement.check_mesh(mesh, int(batch_size))
+    elif shard_params:
+        raise ValueError("shard_params=True needs a mesh")
     n = batching.check_data(data, "data")
-    if eval_data is not None:
-        batching.check_data(eval_data, "eval_data")
+    n_eval = batching.check_data(eval_data, "eval_data") if eval_data is not None else None
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs a checkpoint_dir")
     spe = batching.steps_per_epoch(n, batch_size)
@@ -168,6 +196,9 @@ def fit(
     work.eval()
     eval_graphdef = nnx.split(work, nnx.Param, ...)[0]
     opt_state = tx.init(params)
+    if mesh is not None:
+        placed = carry_shardings(Carry(params, opt_state, rest, jnp.int32(0)), mesh, shard_params)
+        params, opt_state, rest = placement.put_state((params, opt_state, rest), placed[:3])
 
     store = CheckpointStore(checkpoint_dir) if checkpoint_dir is not None else None
     start_epoch, global_step, best = 0, 0, float("inf")
@@ -205,6 +236,12 @@ def fit(
     if typed_key is None:
         typed_key = jax.random.wrap_key_data(key)
     perm_key, step_key, eval_key = jax.random.split(typed_key, 3)
+    permutation = _permutation
+    if mesh is not None:
+        keys = (perm_key, step_key, eval_key)
+        keys = placement.put_state(keys, placement.state_shardings(keys, mesh, shard=False))
+        perm_key, step_key, eval_key = keys
+        permutation = _permutation_on(mesh)
 
     run = make_chunk_fn(
         train_graphdef,
@@ -215,22 +252,38 @@ def fit(
         halt_on_nonfinite=halt_on_nonfinite,
         record=record,
         batch_stats_fn=batch_stats_fn,
+        mesh=mesh,
+        shard_params=bool(shard_params),
     )
-    evaluate = make_eval_fn(eval_graphdef, loss_fn, batch_size=batch_size) if eval_data else None
-    device_data = jax.device_put({k: jnp.asarray(v) for k, v in data.items()})
-    device_eval = (
-        jax.device_put({k: jnp.asarray(v) for k, v in eval_data.items()}) if eval_data else None
+    evaluate = (
+        make_eval_fn(eval_graphdef, loss_fn, batch_size=batch_size, mesh=mesh)
+        if eval_data
+        else None
     )
+    if mesh is None:
+        device_data = jax.device_put({k: jnp.asarray(v) for k, v in data.items()})
+        device_eval = (
+            jax.device_put({k: jnp.asarray(v) for k, v in eval_data.items()}) if eval_data else None
+        )
+    else:
+        device_data = placement.put_data(data, mesh)
+        device_eval = placement.put_data(eval_data, mesh) if eval_data else None
 
     # Fresh, distinct buffers: every call donates its carry, and optimizer states may share
-    # one array between fields (or with the caller's model).
-    carry = Carry(*_copy((params, opt_state, rest)), jnp.int32(RUNNING))
+    # one array between fields (or with the caller's model). On a mesh, put_state (or the
+    # restore) already made one fresh buffer per leaf: no second copy of a sharded model.
+    if mesh is None:
+        carry = Carry(*_copy((params, opt_state, rest)), jnp.int32(RUNNING))
+    else:
+        halt0 = jax.device_put(np.int32(RUNNING), placement.replicated(mesh))
+        carry = Carry(params, opt_state, rest, halt0)
+    del params, opt_state, rest  # the carry owns the state now
     recorder = Recorder(history)
     bar = TrainProgress(epochs * spe, enabled=progress, completed=min(global_step, epochs * spe))
     halt = RUNNING
     try:
         for epoch in range(start_epoch, epochs):
-            perm = _permutation(perm_key, epoch, n)
+            perm = permutation(perm_key, epoch, n)
             first, epoch_loss = 0, 0.0
             while first < spe and halt == RUNNING:
                 n_steps = min(chunk, spe - first)
@@ -249,7 +302,7 @@ def fit(
             epoch_hist["train_loss"].append(train_loss)
             metric = train_loss
             if evaluate is not None:
-                metric = float(evaluate(carry.params, carry.rest, device_eval, eval_key))
+                metric = float(evaluate(carry.params, carry.rest, device_eval, eval_key, n=n_eval))
                 epoch_hist["eval_loss"].append(metric)
             if store is not None:
                 leaves = jax.tree.leaves((carry.params, carry.opt_state, carry.rest))

@@ -31,9 +31,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxstab import stat_names as S
 from jaxstab.train import batching
+from jaxstab.train import mesh as placement
 
 # Halt codes carried on the device; the host reads them once per call.
 RUNNING, EXPLOSION, NONFINITE = 0, 1, 2
@@ -51,6 +53,19 @@ class Carry(NamedTuple):
     opt_state: Any
     rest: Any  # every non-Param variable of the model (BatchStat, RngCount, ...)
     halt: jax.Array  # int32 RUNNING / EXPLOSION / NONFINITE
+
+
+def carry_shardings(carry: Carry, mesh: Mesh, shard_params: bool = False) -> Carry:
+    """The ``NamedSharding`` of every leaf of ``carry`` on ``mesh``: parameters and optimizer
+    state replicated or, with ``shard_params``, by :func:`jaxstab.train.mesh.fsdp_spec`; the
+    model's other state and the halt code replicated."""
+    shard = functools.partial(placement.state_shardings, mesh=mesh, shard=shard_params)
+    return Carry(
+        shard(carry.params),
+        shard(carry.opt_state),
+        placement.state_shardings(carry.rest, mesh, shard=False),
+        placement.replicated(mesh),
+    )
 
 
 def stats_reader() -> Callable[[Any], dict[str, jax.Array]] | None:
@@ -161,6 +176,8 @@ def make_chunk_fn(
     halt_on_nonfinite: bool = True,
     record: bool = False,
     batch_stats_fn: Callable | None = None,
+    mesh: Mesh | None = None,
+    shard_params: bool = False,
 ) -> Callable:
     """Jitted ``run(carry, data, perm, first_step, global_step, step_key, n_steps)``.
 
@@ -168,6 +185,11 @@ def make_chunk_fn(
     ``perm``; step ``t`` of the whole run draws its key as ``fold_in(step_key, t)``. Returns
     the new carry and the per-step outputs stacked along a leading axis of size ``n_steps``
     (``_valid`` is False for steps skipped after a halt).
+
+    With a ``mesh`` (see :mod:`jaxstab.train.mesh`) every gathered batch is constrained to be
+    sharded over its ``data`` axis, the carry's parameters and optimizer state to be
+    replicated (or, with ``shard_params``, sharded FSDP-style) and the rest of the model's
+    state and the per-step outputs to be replicated; XLA inserts the collectives.
     """
     step = make_step_fn(
         train_graphdef,
@@ -185,7 +207,12 @@ def make_chunk_fn(
             idx = batching.batch_indices(perm, first_step + t, batch_size)
             batch = batching.take(data, idx)
             key = jax.random.fold_in(step_key, global_step + t)
-            return step(c, batch, key)
+            if mesh is None:
+                return step(c, batch, key)
+            batch = placement.constrain(batch, placement.batch_sharding(mesh))
+            new_c, out = step(c, batch, key)
+            new_c = placement.constrain(new_c, carry_shardings(new_c, mesh, shard_params))
+            return new_c, placement.constrain(out, placement.replicated(mesh))
 
         return jax.lax.scan(body, carry, jnp.arange(n_steps))
 
@@ -193,22 +220,29 @@ def make_chunk_fn(
 
 
 @functools.lru_cache(maxsize=32)
-def make_eval_fn(eval_graphdef: nnx.GraphDef, loss_fn: Callable, *, batch_size: int) -> Callable:
-    """Jitted ``evaluate(params, rest, data, key) -> mean loss`` with the model in eval mode.
+def make_eval_fn(
+    eval_graphdef: nnx.GraphDef, loss_fn: Callable, *, batch_size: int, mesh: Mesh | None = None
+) -> Callable:
+    """Jitted ``evaluate(params, rest, data, key, n=None) -> mean loss`` in eval mode.
 
     Batches of ``batch_size`` in order (the last wraps around); each batch's loss is weighted
     by the number of examples it adds, so the result is the mean over the data set whenever
-    ``loss_fn`` averages over the batch and the data divide evenly.
+    ``loss_fn`` averages over the batch and the data divide evenly. ``n`` (static) is the
+    number of examples when ``data`` has padding rows after them (see
+    :func:`jaxstab.train.mesh.put_data`); with a ``mesh`` each batch is sharded over ``data``.
     """
 
-    @jax.jit
-    def evaluate(params, rest, data, key):
-        n = next(iter(data.values())).shape[0]
+    @functools.partial(jax.jit, static_argnames=("n",))
+    def evaluate(params, rest, data, key, n=None):
+        if n is None:
+            n = next(iter(data.values())).shape[0]
         n_batches = batching.steps_per_epoch(n, batch_size)
         order = jnp.arange(n)
 
         def one(i):
             batch = batching.take(data, batching.batch_indices(order, i, batch_size))
+            if mesh is not None:
+                batch = placement.constrain(batch, placement.batch_sharding(mesh))
             model = nnx.merge(eval_graphdef, params, rest, copy=True)
             loss, _ = loss_fn(model, batch, jax.random.fold_in(key, i))
             weight = jnp.minimum(batch_size, n - i * batch_size)

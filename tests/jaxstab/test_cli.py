@@ -417,3 +417,39 @@ def test_killed_train_resumes_bit_for_bit(tmp_path):
     assert got["steps"] == want["steps"] and got["epochs_completed"] == 3
     assert got["final_loss"] == want["final_loss"]
     assert got["epoch_history"] == want["epoch_history"]
+
+
+_DEVICE_ERRORS = [
+    (["--devices", "3", "--batch-size", "64"], ["--batch-size 64", "--devices 3"]),
+    (["--devices", "two"], ["--devices", "'two'"]),
+    (["--shard-params"], ["--shard-params needs --devices"]),
+]
+_DISTRIBUTED_ERRORS = [(["--process-id", "1"], ["need --distributed"])]  # train only
+
+
+@pytest.mark.parametrize(
+    ("command", "extra", "needles"),
+    [(c, e, n) for c in ("train", "diagnose") for e, n in _DEVICE_ERRORS]
+    + [("train", e, n) for e, n in _DISTRIBUTED_ERRORS],
+)
+def test_bad_device_options_are_one_line_errors_before_any_step(
+    command, extra, needles, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    assert main([command, *BASE, *extra, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxstab: error:") and "\n" not in err
+    assert all(n in err for n in needles), err
+    assert os.listdir(tmp_path) == []
+
+
+def test_devices_all_with_sharded_params_trains_like_one_device(tmp_path):
+    """``--devices all --shard-params`` reaches ``fit`` (one CPU device here: a 1-device mesh;
+    tests/jaxstab/train/test_mesh.py checks 8 devices)."""
+    runs = {}
+    for name, extra in (("plain", []), ("mesh", ["--devices", "all", "--shard-params"])):
+        out = tmp_path / name
+        assert main(["train", *BASE, "--epochs", "1", *extra, "--output-dir", str(out)]) == 0
+        runs[name] = json.loads((out / "train_summary.json").read_text())
+    assert runs["mesh"]["steps"] == runs["plain"]["steps"] > 0
+    np.testing.assert_allclose(runs["mesh"]["final_loss"], runs["plain"]["final_loss"], rtol=1e-6)
