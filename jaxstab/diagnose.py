@@ -35,10 +35,9 @@ from rich.console import Console
 
 import jaxstab
 from jaxstab import plugin, registry, rundir
-from jaxstab import stat_names as S
 from jaxstab import tree as tree_lib
 from jaxstab.plugin import Dataset, ModelEntry, check_settings
-from jaxstab.report import plots, report_json, tables
+from jaxstab.report import artifacts, report_json, tables
 from jaxstab.report.thresholds import Thresholds
 from jaxstab.train import FitResult, fit
 from jaxstab.train.checkpoint import CheckpointError
@@ -249,6 +248,15 @@ def _train(
     )
 
 
+def _frozen_groups(params: Mapping[str, np.ndarray], trainable: Sequence[str] | None) -> list:
+    # Top-level parameter groups that no trainable path reaches (none when all train).
+    if trainable is None:
+        return []
+    tops = dict.fromkeys(name.split("/")[0] for name in params)
+    reached = {t.split("/")[0] for t in trainable}
+    return [g for g in tops if g not in reached]
+
+
 def write_artifacts(
     directory: str,
     result: FitResult,
@@ -256,42 +264,37 @@ def write_artifacts(
     config: Mapping[str, Any],
     thresholds: Thresholds,
     params_before: Mapping[str, np.ndarray],
+    trainable: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Writes the CSV, JSON and PNG files of a recorded run into ``directory``."""
+    """Writes the six report files of a recorded run into ``directory`` with
+    :func:`jaxstab.report.artifacts.write_artifacts` (the same writer as
+    :class:`jaxstab.Recorder`'s), findings included; returns the report."""
     h = result.history
-    spe = result.steps_per_epoch
-    lr = np.full(tables.n_steps(h), float(config.get("lr", np.nan)))
-    grad = tables.gradient_table(h, steps_per_epoch=spe, lr=lr)
-    feats = tables.feature_table(h, steps_per_epoch=spe)
-    tables.write_csv(os.path.join(directory, "gradient_stats.csv"), grad)
-    tables.write_csv(os.path.join(directory, "input_features.csv"), feats)
-    skip = {S.LOSS, S.GLOBAL_NORM}
-    aux = {k: v for k, v in h.items() if "/" not in k and k not in skip}
-    aux = {"loss": h["loss"], **aux}
-    suspicious = [i for i, s in enumerate(feats["suspicious_features"]) if s]
-    report = report_json.build_report(
-        grad,
+    after = _flat_params(result.model)
+    clip = config.get("grad_clip") if config.get("guard", True) else None
+    return artifacts.write_artifacts(
+        directory,
+        h,
         status=result.status,
-        thresholds=thresholds,
         config=config,
-        weight_change_rows=report_json.weight_changes(params_before, _flat_params(result.model)),
-        aux=aux,
+        thresholds=thresholds,
+        steps_per_epoch=result.steps_per_epoch,
+        lr=np.full(tables.n_steps(h), float(config.get("lr", np.nan))),
+        params_before=params_before,
+        params_after=after,
+        clip=float(clip) if clip else None,
+        trainable=trainable,
+        frozen=_frozen_groups(params_before, trainable),
         extra={
             "steps_applied": result.steps,
             "epochs_completed": result.epochs,
-            "steps_per_epoch": spe,
+            "steps_per_epoch": result.steps_per_epoch,
             "epoch_history": result.epoch_history,
             "best_metric": result.best_metric,
-            "first_suspicious_feature_step": suspicious[0] if suspicious else None,
             "artifacts": list(ARTIFACTS),
             "data_warnings": list(config.get("data_warnings") or ()),
         },
     )
-    report_json.write_report(os.path.join(directory, "diagnosis_report.json"), report)
-    plots.plot_diagnostics(grad, thresholds, os.path.join(directory, "diagnostics.png"))
-    plots.plot_heatmap(grad, os.path.join(directory, "gradient_heatmap.png"))
-    plots.plot_features(feats, os.path.join(directory, "feature_changes.png"))
-    return report
 
 
 def diagnose(
@@ -336,7 +339,12 @@ def diagnose(
             shard_params=shard_params,
         )
         report = write_artifacts(
-            tmp, result, config=config, thresholds=thresholds, params_before=before
+            tmp,
+            result,
+            config=config,
+            thresholds=thresholds,
+            params_before=before,
+            trainable=job.entry.stage(config.get("stage")).trainable,
         )
         rundir.replace_contents(tmp, job.output_dir)
     except BaseException:
@@ -363,6 +371,11 @@ def _print_outcome(console: Console, report: Mapping[str, Any], out: str) -> Non
         f"  final loss {summary['final_loss']}, clipped steps {summary['clipped_steps']}, "
         f"skipped steps {summary['skipped_steps']}"
     )
+    findings = report.get("findings") or []
+    if findings:
+        console.print("Findings:")
+        for f in findings:
+            console.print(f"  [{f['severity']}] {f['code']}: {f['message']}", markup=False)
     console.print(f"Report written to {out}/")
 
 

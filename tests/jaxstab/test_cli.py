@@ -453,3 +453,19 @@ def test_devices_all_with_sharded_params_trains_like_one_device(tmp_path):
         runs[name] = json.loads((out / "train_summary.json").read_text())
     assert runs["mesh"]["steps"] == runs["plain"]["steps"] > 0
     np.testing.assert_allclose(runs["mesh"]["final_loss"], runs["plain"]["final_loss"], rtol=1e-6)
+
+
+def test_diagnose_reports_and_prints_its_findings(runs, tmp_path, capsys):
+    # The healthy run has no warning; a clip far below the gradient norm is named, with
+    # the suggested level, in the report and on the console.
+    healthy = json.loads((runs["ok"] / "diagnosis_report.json").read_text())
+    assert healthy["status"] == "ok"
+    assert not [f for f in healthy["findings"] if f["severity"] == "warning"]
+    out = tmp_path / "tight"
+    capsys.readouterr()
+    assert main(["diagnose", *BASE, "--grad-clip", "1e-4", "--output-dir", str(out)]) == 0
+    report = json.loads((out / "diagnosis_report.json").read_text())
+    codes = [f["code"] for f in report["findings"]]
+    assert report["status"] == "ok" and "always_clipped" in codes
+    printed = capsys.readouterr().out
+    assert "Findings:" in printed and "always_clipped" in printed
