@@ -37,7 +37,7 @@ import jaxstab
 from jaxstab import plugin, registry, rundir
 from jaxstab import tree as tree_lib
 from jaxstab.plugin import Dataset, ModelEntry, check_settings
-from jaxstab.report import artifacts, report_json, tables
+from jaxstab.report import artifacts, findings, report_json, tables
 from jaxstab.report.thresholds import Thresholds
 from jaxstab.train import FitResult, fit
 from jaxstab.train.checkpoint import CheckpointError
@@ -371,11 +371,11 @@ def _print_outcome(console: Console, report: Mapping[str, Any], out: str) -> Non
         f"  final loss {summary['final_loss']}, clipped steps {summary['clipped_steps']}, "
         f"skipped steps {summary['skipped_steps']}"
     )
-    findings = report.get("findings") or []
-    if findings:
+    found = report.get("findings") or []
+    if found:
         console.print("Findings:")
-        for f in findings:
-            console.print(f"  [{f['severity']}] {f['code']}: {f['message']}", markup=False)
+        for f in found:
+            console.print(f"  {findings.finding_line(f)}", markup=False)
     console.print(f"Report written to {out}/")
 
 

@@ -22,6 +22,8 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
+from jaxstab.report import findings as findings_lib
+
 REPORT, STATS = "diagnosis_report.json", "gradient_stats.csv"
 
 
@@ -136,7 +138,7 @@ def findings_text(runs: Sequence[Run]) -> str:
         elif not found:
             lines.append("  no findings")
         for f in found or ():
-            lines.append(f"  [{f['severity']}] {f['code']}: {f['message']}")
+            lines.append(f"  {findings_lib.finding_line(f)}")
     return "\n".join(lines)
 
 

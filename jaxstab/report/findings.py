@@ -57,6 +57,15 @@ MIN_STEPS = 10
 UPDATE_PARAM_RATIO = "update/param_ratio"
 
 
+def finding_line(finding: Mapping[str, Any]) -> str:
+    """One finding as the sentence the console and ``jaxstab compare`` print.
+
+    >>> finding_line({"code": "dead_group", "severity": "warning", "message": "It is dead."})
+    '[warning] dead_group: It is dead.'
+    """
+    return f"[{finding['severity']}] {finding['code']}: {finding['message']}"
+
+
 def _finding(code: str, severity: str, message: str, **evidence: Any) -> dict[str, Any]:
     assert code in CODES and severity in SEVERITIES
     return {"code": code, "severity": severity, "message": message, "evidence": evidence}
