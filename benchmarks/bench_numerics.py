@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxstab.numerics as N
+from benchmarks import nb_accuracy
 from benchmarks.meta import describe, environment
 
 N_ELEMENTS = 1 << 20
@@ -100,6 +101,13 @@ CASES: dict[str, Case] = {
         lambda raw: N.bounded_positive(raw, 0.1, 10.0),
         lambda raw: jnp.exp(jnp.clip(raw, -5.0, 5.0)),
         "exp(clip(raw, -5, 5)) (seed 000)",
+        lambda r: _f32(r.normal(0, 5, N_ELEMENTS)),
+    ),
+    # The same map without the custom slope: what the sigmoid itself costs against exp.
+    "bounded_positive (vs sigmoid)": Case(
+        lambda raw: N.bounded_positive(raw, 0.1, 10.0),
+        lambda raw: 0.1 + 9.9 * jax.nn.sigmoid(raw),
+        "0.1 + 9.9 sigmoid(raw), autodiff slope",
         lambda r: _f32(r.normal(0, 5, N_ELEMENTS)),
     ),
     "soft_clip": Case(
@@ -200,9 +208,15 @@ def time_case(case: Case, repeats: int = REPEATS, seed: int = 0) -> dict[str, An
 
 
 def run(
-    names: list[str] | None = None, repeats: int = REPEATS, write: bool = True
+    names: list[str] | None = None,
+    repeats: int = REPEATS,
+    write: bool = True,
+    accuracy_n: int = nb_accuracy.N_PER_RANGE,
 ) -> dict[str, Any]:
-    """Runs the benchmark; returns (and by default writes) the results."""
+    """Runs the benchmark; returns (and by default writes) the results.
+
+    ``accuracy_n``: NB counts per range of means for :mod:`benchmarks.nb_accuracy`
+    (0: not measured)."""
     result: dict[str, Any] = {
         "benchmark": "jaxstab.numerics safe primitives vs naive formulas, jitted, float32",
         "environment": environment(),
@@ -218,6 +232,8 @@ def run(
     }
     for name in names or list(CASES):
         result["cases"][name] = time_case(CASES[name], repeats)
+    if accuracy_n:
+        result["nb_accuracy"] = nb_accuracy.measure(n=accuracy_n)
     if write:
         from benchmarks.run import write_results
 
@@ -249,6 +265,19 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| {v['ratio']:.2f}x ({v['ratio_of_minima']:.2f}x) | {g['naive_ms']:.2f} "
             f"| {g['safe_ms']:.2f} | {g['ratio']:.2f}x ({g['ratio_of_minima']:.2f}x) |"
         )
+    rows = result.get("nb_accuracy")
+    if rows:
+        lines += [
+            "",
+            f"## Float32 accuracy of `nb_log_prob` ({rows[0]['n']:,} NB counts per range)",
+            "",
+            "Against `scipy.stats.nbinom.logpmf` in float64 at the float32-rounded inputs; "
+            f"θ log-uniform in {nb_accuracy.THETA_RANGE[0]:g} … "
+            f"{nb_accuracy.THETA_RANGE[1]:g}, counts capped at {nb_accuracy.MAX_COUNT:,} "
+            "(`benchmarks/nb_accuracy.py`).",
+            "",
+            nb_accuracy.to_markdown(rows).rstrip("\n"),
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -82,7 +82,7 @@ GPU_SETTINGS: dict[str, dict[str, Any]] = {
 # ``--model`` names others), on any device, in about a minute of CPU (a test runs it), so that
 # the GPU run cannot fail on a typo.
 DRY_RUN_SETTINGS: dict[str, dict[str, Any]] = {
-    "numerics": {"repeats": 7},
+    "numerics": {"repeats": 7, "accuracy_n": 1_000},
     "overhead": {"configs": {"mlp-tiny": ([16, 32, 16], 8, 2, 2, 1)}},
     "speed": {"epochs": 1, "size": "small", "variants": ("jax_scan", "torch_eager")},
     "stability": {"seeds": 1, "variants": ("jax_guard", "torch_seed")},

@@ -142,6 +142,7 @@ def test_unknown_suite_is_refused(capsys):
         "run",
         "parity",
         "bench_numerics",
+        "nb_accuracy",
         "stability",
         "deviations_cfmvc",
         "convert",
