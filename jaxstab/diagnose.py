@@ -203,6 +203,46 @@ def build_model(job: Job) -> nnx.Module:
     )
 
 
+def _stage_inputs(job: Job, model: nnx.Module) -> tuple[Any, Any, dict, dict | None]:
+    # The run's stage, its loss and the training and evaluation data it trains on.
+    stage = job.entry.stage(job.config.get("stage"))
+    loss_fn = stage.loss_fn or job.entry.loss_fn
+    train_data, eval_data = split_eval(stage.data(model, job.dataset), int(job.config["seed"]))
+    return stage, loss_fn, train_data, eval_data
+
+
+def locate_origin(job: Job, model: nnx.Module, result: FitResult) -> Any:
+    """Where the NaN/Inf of a run that stopped ``'nonfinite'`` was born: its stopping step
+    (the parameters ``result.model`` holds, that step's batch and key) run once more under
+    :func:`jaxstab.checks.locate_nonfinite` with :func:`jaxstab.train.replay.replay_step`.
+
+    ``model`` is the model the run started from (the stage's data are built from it).
+    Returns the :class:`jaxstab.checks.NonFiniteReport`, or ``None`` when the run did not stop
+    on a non-finite value or the replay found none; a replay that fails warns and returns
+    ``None`` (the report is written without the origin).
+    """
+    from jaxstab.train.replay import replay_step
+
+    if result.status != "nonfinite":
+        return None
+    _, loss_fn, train_data, _ = _stage_inputs(job, model)
+    # On one device: the replay is one step, and a run on a mesh holds sharded arrays.
+    graphdef, state = nnx.split(result.model)
+    state = jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a)), state)
+    try:
+        return replay_step(
+            nnx.merge(graphdef, state),
+            loss_fn,
+            train_data,
+            key=jax.random.key(int(job.config["seed"])),
+            step=int(result.steps),
+            batch_size=int(job.config["batch_size"]),
+        )
+    except Exception as e:  # the report must still be written
+        warnings.warn(f"replaying the non-finite step failed: {e}", stacklevel=2)
+        return None
+
+
 def _train(
     job: Job,
     *,
@@ -219,9 +259,7 @@ def _train(
     cfg = job.config
     if model is None:
         model = build_model(job)
-    stage = job.entry.stage(cfg.get("stage"))
-    loss_fn = stage.loss_fn or job.entry.loss_fn
-    train_data, eval_data = split_eval(stage.data(model, job.dataset), int(cfg["seed"]))
+    stage, loss_fn, train_data, eval_data = _stage_inputs(job, model)
     batch_size = int(cfg["batch_size"])
     if stage.trainable is not None and stage.check_flow:  # gradient must reach what trains
         key = jax.random.key(int(cfg["seed"]))
@@ -265,10 +303,12 @@ def write_artifacts(
     thresholds: Thresholds,
     params_before: Mapping[str, np.ndarray],
     trainable: Sequence[str] | None = None,
+    origin: Any = None,
 ) -> dict[str, Any]:
     """Writes the six report files of a recorded run into ``directory`` with
     :func:`jaxstab.report.artifacts.write_artifacts` (the same writer as
-    :class:`jaxstab.Recorder`'s), findings included; returns the report."""
+    :class:`jaxstab.Recorder`'s), findings included; returns the report. ``origin``: the
+    :func:`locate_origin` of the run (the ``nonfinite_origin`` finding)."""
     h = result.history
     after = _flat_params(result.model)
     clip = config.get("grad_clip") if config.get("guard", True) else None
@@ -285,6 +325,8 @@ def write_artifacts(
         clip=float(clip) if clip else None,
         trainable=trainable,
         frozen=_frozen_groups(params_before, trainable),
+        origin=origin,
+        origin_loss_finite=bool(np.isfinite(h["loss"][-1])) if origin is not None else None,
         extra={
             "steps_applied": result.steps,
             "epochs_completed": result.epochs,
@@ -345,6 +387,7 @@ def diagnose(
             thresholds=thresholds,
             params_before=before,
             trainable=job.entry.stage(config.get("stage")).trainable,
+            origin=locate_origin(job._replace(config=config), model, result),
         )
         rundir.replace_contents(tmp, job.output_dir)
     except BaseException:

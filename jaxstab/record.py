@@ -236,12 +236,6 @@ class Recorder:
         }
         if error is not None:
             extra["error"] = f"{type(error).__name__}: {error}"
-        if self._origin is not None:
-            extra["nonfinite_origin"] = {
-                "message": self._origin.message, "primitive": self._origin.primitive,
-                "file": self._origin.file, "line": self._origin.line,
-                "module_path": self._origin.module_path, "transforms": self._origin.transforms,
-            }  # fmt: skip
         parent = os.path.dirname(self.output_dir)
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=rundir.temp_prefix(self.output_dir, "tmp"), dir=parent)

@@ -58,6 +58,20 @@ def frozen_moves(
     return out
 
 
+def origin_entry(origin: Any) -> dict[str, Any]:
+    """The report's ``nonfinite_origin`` entry for a :class:`jaxstab.checks.NonFiniteReport`.
+
+    >>> from types import SimpleNamespace as NS
+    >>> o = NS(message="m", primitive="sqrt", file="f.py", line=3, module_path="body",
+    ...        transforms=("jvp",), kind="NaN", input_ranges=None)
+    >>> origin_entry(o)["primitive"], origin_entry(o)["line"]
+    ('sqrt', 3)
+    """
+    fields = ("message", "primitive", "file", "line", "module_path", "transforms", "kind",
+              "input_ranges")  # fmt: skip
+    return {f: getattr(origin, f, None) for f in fields}
+
+
 def write_artifacts(
     directory: str,
     history: Mapping[str, np.ndarray],
@@ -115,6 +129,7 @@ def write_artifacts(
         aux=aux,
         extra={
             "first_suspicious_feature_step": suspicious[0] if suspicious else None,
+            **({"nonfinite_origin": origin_entry(origin)} if origin is not None else {}),
             **(extra or {}),
         },
     )
