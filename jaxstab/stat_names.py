@@ -22,6 +22,9 @@ GROUP_NAN = "grad/nan/"
 GROUP_INF = "grad/inf/"
 GROUP_ZERO_FRAC = "grad/zero_frac/"
 
+# log_update_ratio: the final update over the parameters.
+UPDATE_PARAM_RATIO = "update/param_ratio"
+
 # zero_nonfinite.
 NONFINITE_COUNT = "nonfinite/count/"
 NONFINITE_STEPS = "nonfinite/steps"

@@ -54,7 +54,7 @@ LR_RATIO = 0.1
 MIN_STEPS = 10
 # The recorded update/parameter norm ratio (the optimizer's update over the parameters it
 # moves), read by ``lr_too_high``.
-UPDATE_PARAM_RATIO = "update/param_ratio"
+UPDATE_PARAM_RATIO = S.UPDATE_PARAM_RATIO
 
 
 def finding_line(finding: Mapping[str, Any]) -> str:

@@ -14,6 +14,7 @@ from jaxstab.transforms.loss_scale import DynamicLossScaleState, dynamic_loss_sc
 from jaxstab.transforms.skip_bad_steps import SkipBadStepsState, skip_bad_steps
 from jaxstab.transforms.stats import find_states, read_stats
 from jaxstab.transforms.train_only import train_only
+from jaxstab.transforms.update_ratio import UpdateRatioState, log_update_ratio
 from jaxstab.transforms.zclip import ZClipState, zclip
 from jaxstab.transforms.zero_nonfinite import ZeroNonfiniteState, zero_nonfinite
 
@@ -25,6 +26,7 @@ __all__ = [
     "GradientFlowReport",
     "LogNormsState",
     "SkipBadStepsState",
+    "UpdateRatioState",
     "ZClipState",
     "ZeroNonfiniteState",
     "autoclip",
@@ -34,6 +36,7 @@ __all__ = [
     "find_states",
     "gradient_flow_report",
     "log_norms",
+    "log_update_ratio",
     "loss_scale",
     "ordered_history",
     "read_stats",

@@ -121,6 +121,19 @@ def test_input_jump_at_the_first_anomaly(tmp_path):
     assert ev == {"step": 25, "features": ["x_absmax"]}
 
 
+def test_lr_too_high_from_a_run_with_too_large_a_learning_rate(tmp_path):
+    # log_update_ratio, last in the chain, records the step's size relative to the params.
+    def tx(lr):
+        return optax.chain(
+            jaxstab.stability_guard(optax.adam(lr), clip=None), jaxstab.log_update_ratio()
+        )
+
+    _, found = _run(tmp_path, tx=tx(0.5), name="high")
+    assert found["lr_too_high"]["evidence"]["median_ratio"] > F.LR_RATIO
+    _, found = _run(tmp_path, tx=tx(1e-3), name="usual")
+    assert "lr_too_high" not in found
+
+
 def test_lr_too_high_reads_the_update_parameter_ratio():
     table = {"total_grad_norm": np.ones(20)}
     assert F.lr_too_high({F.UPDATE_PARAM_RATIO: np.full(20, 1e-3)}) == []
