@@ -151,9 +151,11 @@ _LOOP_KEYS = frozenset({"epochs", "batch_size", "seed", "data", "explosion_norm"
 _OPTIMIZERS: dict[tuple, optax.GradientTransformation] = {}
 
 
-def optimizer(entry: ModelEntry, config: Mapping[str, Any], *, guard: bool):
+def optimizer(entry: ModelEntry, config: Mapping[str, Any], *, guard: bool, record: bool = False):
     """The run's optimizer: :func:`jaxstab.train.stages.stage_optimizer` of the entry's inner
     optimizer for the run's stage, guarded with the run's ``grad_clip`` (or only recording).
+    With ``record`` (``jaxstab diagnose``) :func:`jaxstab.log_update_ratio` follows it, for
+    the report's ``lr_too_high`` finding.
 
     The same transformation object is returned for the same model and optimizer settings, so
     repeated runs in one process (seeds, a resumed run) reuse ``fit``'s compiled step.
@@ -166,15 +168,16 @@ def optimizer(entry: ModelEntry, config: Mapping[str, Any], *, guard: bool):
     True
     """
     settings = {k: v for k, v in config.items() if k not in _LOOP_KEYS}
-    key = (id(entry), guard, json.dumps(report_json.jsonable(settings), sort_keys=True))
+    key = (id(entry), guard, record, json.dumps(report_json.jsonable(settings), sort_keys=True))
     if key not in _OPTIMIZERS:
         clip = config.get("grad_clip")
-        _OPTIMIZERS[key] = stage_optimizer(
+        tx = stage_optimizer(
             plugin.inner_optimizer(entry, config),
             entry.stage(config.get("stage")).trainable,
             guard=guard,
             clip=float(clip) if clip else None,
         )
+        _OPTIMIZERS[key] = optax.chain(tx, jaxstab.log_update_ratio()) if record else tx
     return _OPTIMIZERS[key]
 
 
@@ -267,7 +270,7 @@ def _train(
     explosion = cfg.get("explosion_norm")
     return fit(
         model,
-        optimizer(job.entry, cfg, guard=guard),
+        optimizer(job.entry, cfg, guard=guard, record=record),
         loss_fn,
         train_data,
         batch_size=batch_size,
