@@ -229,10 +229,10 @@ def locate_origin(job: Job, model: nnx.Module, result: FitResult) -> Any:
     if result.status != "nonfinite":
         return None
     _, loss_fn, train_data, _ = _stage_inputs(job, model)
-    # On one device: the replay is one step, and a run on a mesh holds sharded arrays.
-    graphdef, state = nnx.split(result.model)
-    state = jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a)), state)
     try:
+        # On one device: the replay is one step, and a run on a mesh holds sharded arrays.
+        graphdef, state = nnx.split(result.model)
+        state = jax.device_put(state, jax.local_devices()[0])
         return replay_step(
             nnx.merge(graphdef, state),
             loss_fn,
