@@ -358,6 +358,17 @@ def global_norm(stats: TreeStats) -> jax.Array:
     return combined_norm(stats)
 
 
+def ratio_to_params_norm(norm: jax.Array, params: Any, axis_name: str | None = None) -> jax.Array:
+    """``norm / ‖params‖`` (finite entries, reduced over ``axis_name``); 0 for zero params.
+
+    >>> import jax.numpy as jnp
+    >>> float(ratio_to_params_norm(jnp.float32(1.0), {"w": jnp.array([3.0, 4.0])}))
+    0.2
+    """
+    pnorm = global_norm(tree_stats(params, axis_name, full=False))
+    return jnp.where(pnorm > 0, norm / jnp.where(pnorm > 0, pnorm, 1), 0)
+
+
 def all_finite(stats: TreeStats) -> jax.Array:
     """True when no leaf holds a NaN or an Inf (already reduced over the axis)."""
     return jnp.sum(stats.nan) + jnp.sum(stats.inf) == 0

@@ -116,8 +116,7 @@ def log_norms_step(
         if params is None:
             ratio = jnp.zeros((), jnp.float32)
         else:
-            pnorm = _groups.global_norm(_groups.tree_stats(params, axis_name, full=False))
-            ratio = jnp.where(pnorm > 0, gnorm / jnp.where(pnorm > 0, pnorm, 1), 0)
+            ratio = _groups.ratio_to_params_norm(gnorm, params, axis_name)
         stats[S.UPDATE_RATIO] = ratio
     for g, idx in zip(groups, members, strict=True):
         stats[S.group_stat(S.GROUP_NORM, g)] = _groups.combined_norm(ts, idx)

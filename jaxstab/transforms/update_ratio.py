@@ -56,8 +56,7 @@ def log_update_ratio(*, axis_name: str | None = None) -> optax.GradientTransform
         if params is None:
             raise ValueError("log_update_ratio needs the parameters: tx.update(g, s, params)")
         u = _groups.global_norm(_groups.tree_stats(updates, axis_name, full=False))
-        p = _groups.global_norm(_groups.tree_stats(params, axis_name, full=False))
-        ratio = jnp.where(p > 0, u / jnp.where(p > 0, p, 1.0), 0.0)
+        ratio = _groups.ratio_to_params_norm(u, params, axis_name)
         return updates, UpdateRatioState(ratio.astype(jnp.float32))
 
     return optax.GradientTransformation(init_fn, update_fn)
