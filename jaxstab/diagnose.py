@@ -214,12 +214,12 @@ def _stage_inputs(job: Job, model: nnx.Module) -> tuple[Any, Any, dict, dict | N
     return stage, loss_fn, train_data, eval_data
 
 
-def locate_origin(job: Job, model: nnx.Module, result: FitResult) -> Any:
+def locate_origin(job: Job, result: FitResult, loss_fn: Any, train_data: Mapping) -> Any:
     """Where the NaN/Inf of a run that stopped ``'nonfinite'`` was born: its stopping step
     (the parameters ``result.model`` holds, that step's batch and key) run once more under
     :func:`jaxstab.checks.locate_nonfinite` with :func:`jaxstab.train.replay.replay_step`.
 
-    ``model`` is the model the run started from (the stage's data are built from it).
+    ``loss_fn`` and ``train_data``: the stage's loss and the training data the run used.
     Returns the :class:`jaxstab.checks.NonFiniteReport`, or ``None`` when the run did not stop
     on a non-finite value or the replay found none; a replay that fails warns and returns
     ``None`` (the report is written without the origin).
@@ -228,7 +228,6 @@ def locate_origin(job: Job, model: nnx.Module, result: FitResult) -> Any:
 
     if result.status != "nonfinite":
         return None
-    _, loss_fn, train_data, _ = _stage_inputs(job, model)
     try:
         # On one device: the replay is one step, and a run on a mesh holds sharded arrays.
         graphdef, state = nnx.split(result.model)
@@ -258,11 +257,13 @@ def _train(
     model: nnx.Module | None = None,
     mesh: Mesh | None = None,
     shard_params: bool = False,
+    inputs: tuple | None = None,
 ) -> FitResult:
+    # ``inputs``: the :func:`_stage_inputs` of ``model``, when the caller already has them.
     cfg = job.config
     if model is None:
         model = build_model(job)
-    stage, loss_fn, train_data, eval_data = _stage_inputs(job, model)
+    stage, loss_fn, train_data, eval_data = inputs or _stage_inputs(job, model)
     batch_size = int(cfg["batch_size"])
     if stage.trainable is not None and stage.check_flow:  # gradient must reach what trains
         key = jax.random.key(int(cfg["seed"]))
@@ -370,10 +371,13 @@ def diagnose(
     tmp = tempfile.mkdtemp(prefix=rundir.temp_prefix(job.output_dir, "tmp"), dir=parent)
     try:
         rundir.write_marker(tmp, _marker(job, "diagnose", config))
+        run_job = job._replace(config=config)
         model = build_model(job)
         before = _flat_params(model)
+        inputs = _stage_inputs(run_job, model)
+        stage, loss_fn, train_data, _ = inputs
         result = _train(
-            job._replace(config=config),
+            run_job,
             model=model,
             guard=guard,
             record=True,
@@ -382,6 +386,7 @@ def diagnose(
             steps_per_call=steps_per_call,
             mesh=mesh,
             shard_params=shard_params,
+            inputs=inputs,
         )
         report = write_artifacts(
             tmp,
@@ -389,8 +394,8 @@ def diagnose(
             config=config,
             thresholds=thresholds,
             params_before=before,
-            trainable=job.entry.stage(config.get("stage")).trainable,
-            origin=locate_origin(job._replace(config=config), model, result),
+            trainable=stage.trainable,
+            origin=locate_origin(run_job, result, loss_fn, train_data),
         )
         rundir.replace_contents(tmp, job.output_dir)
     except BaseException:
